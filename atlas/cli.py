@@ -18,13 +18,14 @@ DEMO_OUT = REPO_ROOT / "data" / "atlases" / "demo"
 EXAMPLE_QUERIES = [
     ("features firing most often per layer and stream",
      "SELECT layer, stream, feature, firing_count, round(density, 4) AS density FROM features "
-     "QUALIFY row_number() OVER (PARTITION BY layer, stream ORDER BY firing_count DESC) <= 3 ORDER BY layer, stream"),
+     "QUALIFY row_number() OVER (PARTITION BY layer, stream ORDER BY firing_count DESC) <= 3 "
+     "ORDER BY layer, stream, firing_count DESC"),
     ("top examples of one image-stream feature",
      "SELECT t.step, t.rank, p.text, t.position, t.x0, t.y0, round(t.value, 3) AS value FROM top_examples t "
      "JOIN prompts p USING (run_id, prompt_id) WHERE t.stream = 'img' AND t.layer = 0 "
      "AND t.feature = (SELECT feature FROM features WHERE stream = 'img' AND layer = 0 ORDER BY firing_count DESC LIMIT 1) "
      "AND t.step = 0 ORDER BY t.rank LIMIT 5"),
-    ("which text tokens a text-stream feature fires on",
+    ("text tokens on which layer-1 text-stream features fire most at the first step",
      "SELECT tok.token, count(*) AS n FROM activations a JOIN prompt_tokens tok USING (run_id, prompt_id, position) "
      "WHERE a.stream = 'txt' AND a.layer = 1 AND a.step = 0 GROUP BY tok.token ORDER BY n DESC LIMIT 8"),
 ]

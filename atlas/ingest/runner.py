@@ -29,7 +29,7 @@ from atlas.ingest.encode import SparseCodes
 from atlas.ingest.prompts import Prompt, read_prompts
 from atlas.ingest.transcoder_setup import setup_transcoders
 from atlas.model import MLPCapture, describe_pipeline, load_pipeline, recommended_settings, validate_layers_streams
-from atlas.store.catalog import AtlasError, connect, create_atlas, insert_rows, refresh_views, transaction
+from atlas.store.catalog import AtlasError, catalog_path, connect, create_atlas, insert_rows, refresh_views, transaction
 from atlas.store.facts import batch_file_name, remove_uncommitted, write_partition
 from atlas.store.stats import finalize_run
 from atlas.transcoders import file_sha256
@@ -118,8 +118,13 @@ def run_ingest(cfg: RunConfig, *, new_run: bool = False, resume: bool = False, p
     cfg.prompts_sha256 = file_sha256(cfg.prompts)
     if prompt_set.blank_lines:
         log.info("skipped %d blank line(s) in %s", prompt_set.blank_lines, cfg.prompts)
-    atlas_dir = create_atlas(cfg.out)
-    run_id, cfg = _choose_run(atlas_dir, cfg, new_run, resume)
+    atlas_dir = Path(cfg.out).resolve()
+    if catalog_path(atlas_dir).exists():  # refuse a mismatching atlas before any work
+        run_id, cfg = _choose_run(atlas_dir, cfg, new_run, resume)
+    elif atlas_dir.exists() and any(atlas_dir.iterdir()):
+        raise AtlasError(f"{atlas_dir} exists, is not empty and holds no atlas.duckdb; choose another --out")
+    else:
+        run_id = None
     resumed = run_id is not None
     if resumed and Path(cfg.prompts).resolve() != prompt_set.path.resolve():
         prompt_set = read_prompts(cfg.prompts, limit=cfg.limit)
@@ -148,6 +153,7 @@ def run_ingest(cfg: RunConfig, *, new_run: bool = False, resume: bool = False, p
     gen = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=max_seq)
 
     transcoders, tc_rows, tc_source = setup_transcoders(cfg, pipe, layers, gen, device)
+    create_atlas(atlas_dir)
 
     if run_id is None:
         run_id = f"{_now():%Y%m%d-%H%M%S}-{cfg.config_hash()[:6]}"

@@ -1,0 +1,49 @@
+"""The `atlas` command line: demo, ingest errors, ad-hoc SQL."""
+
+from click.testing import CliRunner
+
+from atlas.cli import EXAMPLE_QUERIES, main
+
+
+def test_demo_prints_queries_that_run(tmp_path):
+    out = tmp_path / "demo"
+    runner = CliRunner()
+    result = runner.invoke(main, ["demo", "--out", str(out), "--limit", "6", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"Demo atlas written: {out}" in result.output
+    for _, query in EXAMPLE_QUERIES:
+        assert query in result.output
+        ran = runner.invoke(main, ["sql", str(out), query, "--format", "csv"])
+        assert ran.exit_code == 0, ran.output
+        assert len(ran.output.strip().splitlines()) >= 2, (query, ran.output)  # header + at least one row
+    csv = runner.invoke(main, ["sql", str(out), "SELECT count(*) AS n FROM prompts", "--format", "csv"])
+    assert csv.output.splitlines() == ["n", "6"]
+
+
+def test_sql_is_read_only_and_errors_are_clean(tmp_path):
+    out = tmp_path / "a"
+    runner = CliRunner()
+    assert runner.invoke(main, ["demo", "--out", str(out), "--limit", "2", "--no-progress"]).exit_code == 0
+    result = runner.invoke(main, ["sql", str(out), "DELETE FROM prompts"])
+    assert result.exit_code == 2 and "read-only" in result.output.lower()
+    result = runner.invoke(main, ["sql", str(out), "SELECT nope FROM prompts"])
+    assert result.exit_code == 2 and "error:" in result.output
+
+
+def test_ingest_reports_bad_prompt_file(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("text\tother\nx\ty\n")
+    result = CliRunner().invoke(main, ["ingest", "--prompts", str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "no 'Prompt' column" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_ingest_reports_unknown_stream_and_bad_layers(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red car\n")
+    runner = CliRunner()
+    result = runner.invoke(main, ["ingest", "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--streams", "img,audio"])
+    assert result.exit_code == 2 and "available streams" in result.output
+    result = runner.invoke(main, ["ingest", "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--layers", "1,x"])
+    assert result.exit_code == 2 and "--layers takes comma-separated integers" in result.output
