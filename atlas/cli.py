@@ -137,33 +137,263 @@ def demo(out, limit, no_progress):
         click.echo(f"-- {title}\n{sql};\n")
 
 
+def _print_frame(frame, fmt: str, out: str | None) -> None:
+    """Print a polars DataFrame as a table, CSV or JSON, or write it to a file (parquet needs --out)."""
+    import polars as pl
+
+    if fmt == "parquet":
+        if not out:
+            _fail("--format parquet needs --out FILE")
+        frame.write_parquet(out)
+        click.echo(f"wrote {len(frame)} rows to {out}")
+        return
+    if fmt == "csv":
+        text = frame.write_csv()
+    elif fmt == "json":
+        text = frame.write_json()
+    else:
+        with pl.Config(tbl_rows=50, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=240):
+            text = str(frame)
+    if out:
+        Path(out).write_text(text, encoding="utf-8")
+        click.echo(f"wrote {len(frame)} rows to {out}")
+    else:
+        click.echo(text, nl=not text.endswith("\n"))
+
+
+_FORMATS = click.Choice(["table", "csv", "json", "parquet"])
+
+
 @main.command()
 @click.argument("atlas_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("sql")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def sql(atlas_dir, sql, fmt):
+@click.option("--format", "fmt", type=_FORMATS, default="table", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the result to a file.")
+def sql(atlas_dir, sql, fmt, out):
     """Run ad-hoc SQL on an atlas (read-only)."""
     import duckdb
 
-    from atlas.store.catalog import AtlasError, connect
+    from atlas.query import Atlas
+    from atlas.store.catalog import AtlasError
 
     try:
-        with connect(atlas_dir, read_only=True) as con:
-            relation = con.sql(sql)
-            if relation is None:  # a statement with no result (read-only: SET, PRAGMA ...)
-                return
-            frame = relation.pl()
+        frame = Atlas(atlas_dir).sql(sql)
     except (AtlasError, duckdb.Error) as e:
         _fail(str(e))
-    if fmt == "csv":
-        click.echo(frame.write_csv(), nl=False)
-    elif fmt == "json":
-        click.echo(frame.write_json())
-    else:
-        import polars as pl
+    _print_frame(frame, fmt, out)
 
-        with pl.Config(tbl_rows=50, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=240):
-            click.echo(frame)
+
+@main.command()
+@click.argument("atlas_dir", required=False, type=click.Path(exists=True, file_okay=False))
+@click.argument("name", required=False)
+@click.option("--param", "-p", "params", multiple=True, metavar="KEY=VALUE", help="A query parameter (repeatable).")
+@click.option("--list", "list_", is_flag=True, help="List the named queries with their parameters.")
+@click.option("--format", "fmt", type=_FORMATS, default="table", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the result to a file.")
+def query(atlas_dir, name, params, list_, fmt, out):
+    """Run a named query of the SQL library (queries/NAME.sql) on an atlas."""
+    import duckdb
+
+    from atlas.query import Atlas, QueryError, get_query, list_queries
+    from atlas.store.catalog import AtlasError
+
+    if list_ or not name:
+        for q in list_queries().values():
+            click.echo(f"{q.name}\n    {q.answers}")
+            for p in q.params.values():
+                click.echo(f"    --param {p.name}=<{p.type}>  (default {p.default}) {p.doc}")
+        if not list_:
+            click.echo("\nusage: atlas query ATLAS_DIR NAME [--param key=value ...]")
+        return
+    if not atlas_dir:
+        _fail("give the atlas folder: atlas query ATLAS_DIR NAME")
+    given = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--param takes KEY=VALUE, got {item!r}")
+        given[key.strip()] = value
+    try:
+        get_query(name)
+        frame = Atlas(atlas_dir).query(name, **given)
+    except (QueryError, AtlasError, duckdb.Error) as e:
+        _fail(str(e))
+    _print_frame(frame, fmt, out)
+
+
+def _train_options(f):
+    """Options of `atlas train-transcoders`; unset ones take TrainConfig's defaults (the paper's recipe)."""
+    opts = [
+        click.option("--model", help="Hub id, local folder, or built-in ('tiny', the default)."),
+        click.option("--revision", help="Hub revision of the model."),
+        click.option("--prompts", required=True, type=click.Path(dir_okay=False), help="Training prompt file."),
+        click.option("--out", required=True, type=click.Path(file_okay=False),
+                     help="Output folder: published layout + training.json; .train-state/ makes reruns resume."),
+        click.option("--layers", help="Comma-separated double-stream block indices (default: all)."),
+        click.option("--streams", help="Comma-separated streams: img,txt (default: both)."),
+        click.option("--role", type=click.Choice(["transcoder", "sae"]),
+                     help="transcoder: MLP input -> output (default); sae: MLP output -> output."),
+        click.option("--expansion-factor", type=int, help="d_feat / d_model (default 16)."),
+        click.option("--time-embed-dim", type=int, help="Sinusoidal time-embedding size T (default 256)."),
+        click.option("--l1-img", type=float, help="L1 coefficient, image stream (default 3e-4)."),
+        click.option("--l1-txt", type=float, help="L1 coefficient, text stream (default 5e-5)."),
+        click.option("--batch-size", type=int, help="Rows per layer and stream per step (default 4096)."),
+        click.option("--lr", type=float, help="AdamW peak learning rate, cosine-annealed to 0 (default 2e-4)."),
+        click.option("--steps", type=int, help="Optimiser steps (default 1000)."),
+        click.option("--seed", type=int, help="Seed of init, prompt order, noise and shuffling (default 0)."),
+        click.option("--buffer-gb", type=float, help="Host memory budget of all activation buffers, GB (default 2)."),
+        click.option("--reuse", type=int, help="Passes over each harvested row (default 1, the recipe)."),
+        click.option("--gen-batch-size", type=int, help="Prompts per pipeline call while harvesting (default 64)."),
+        click.option("--checkpoint-every", type=int, help="Steps between resumable checkpoints (default 100)."),
+        click.option("--eval-prompts", type=click.Path(dir_okay=False),
+                     help="Held-out evaluation prompts (default: hold out --holdout of --prompts)."),
+        click.option("--holdout", type=float, help="Fraction of --prompts held out for evaluation (default 0.1)."),
+        click.option("--eval-limit", type=int, help="Evaluation prompts used at most (default 64)."),
+        click.option("--no-eval", is_flag=True, help="Skip the evaluation at the end."),
+        click.option("--atlas", type=click.Path(file_okay=False), help="Atlas folder to store the evaluation in."),
+        click.option("--device", help="auto (default), cpu, cuda, cuda:1 ..."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Pipeline dtype."),
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@main.command("train-transcoders")
+@_train_options
+def train_transcoders_cmd(layers, streams, no_eval, no_progress, **options):
+    """Train transcoders (or SAEs) on activations harvested from generations (DifFRACT recipe)."""
+    from atlas.ingest.prompts import PromptFileError
+    from atlas.model import ModelLoadError
+    from atlas.store.catalog import AtlasError
+    from atlas.transcoders.metrics import format_metrics
+    from atlas.transcoders.training import TrainConfig, TrainConfigError, TrainingDivergedError, train_transcoders
+
+    try:
+        set_options = {k: v for k, v in options.items() if v is not None}
+        if layers is not None:
+            set_options["layers"] = _int_list(layers, "layers")
+        if streams is not None:
+            set_options["streams"] = [s.strip() for s in streams.split(",") if s.strip()]
+        cfg = TrainConfig(evaluate=not no_eval, **set_options)
+        result = train_transcoders(cfg, progress=not no_progress)
+    except (ConfigError, TrainConfigError, PromptFileError, ModelLoadError, AtlasError, TrainingDivergedError) as e:
+        _fail(str(e))
+    tp = result.throughput
+    click.echo(f"{len(result.modules)} {cfg.role}(s) written to {result.folder} "
+               f"(resumed from step {result.resumed_from})" if result.resumed_from else
+               f"{len(result.modules)} {cfg.role}(s) written to {result.folder}")
+    click.echo(f"{tp['steps_run']} steps in {tp['seconds']:.1f} s ({tp['harvest_seconds']:.1f} s harvesting), "
+               f"{tp['rows_per_second'] or 0:.0f} rows/s; buffer {tp['buffer_bytes'] / 1e9:.3f} GB of "
+               f"{tp['buffer_budget_bytes'] / 1e9:.3f} GB budget")
+    if result.evaluation is not None:
+        click.echo(format_metrics(result.evaluation))
+        if cfg.atlas:
+            click.echo(f"metrics stored in {cfg.atlas} (tables transcoder_metrics, transcoder_set_metrics)")
+
+
+@main.command("eval-transcoders")
+@click.option("--model", default="tiny", show_default=True, help="Hub id, local folder or built-in.")
+@click.option("--revision", help="Hub revision of the model.")
+@click.option("--transcoders", required=True, help="Folder or hub repo in the published DifFRACT layout.")
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False), help="Held-out evaluation prompts.")
+@click.option("--atlas", type=click.Path(file_okay=False), help="Atlas folder to store the metrics in (created if missing).")
+@click.option("--role", type=click.Choice(["transcoder", "sae"]), help="Default: the layout folder present.")
+@click.option("--layers", help="Comma-separated layers (default: every layer found).")
+@click.option("--streams", default="img,txt", show_default=True)
+@click.option("--limit", type=int, default=64, show_default=True, help="Evaluate on the first N prompts.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Generations per pipeline call.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed of the first prompt (then +1 each).")
+@click.option("--expansion-factor", type=int, help="Default: the folder's manifest.json, else 16.")
+@click.option("--time-embed-dim", type=int, help="Default: the folder's manifest.json, else 256.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--no-progress", is_flag=True)
+def eval_transcoders_cmd(layers, streams, device, no_progress, **options):
+    """Fidelity of a transcoder set: FVU, explained variance, L0, dead fraction per step; end-to-end."""
+    from atlas.ingest.prompts import PromptFileError
+    from atlas.model import ModelLoadError
+    from atlas.store.catalog import AtlasError
+    from atlas.transcoders import CheckpointError
+    from atlas.transcoders.metrics import evaluate_folder, format_metrics
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        result = evaluate_folder(
+            layers=_int_list(layers, "layers") if layers else None,
+            streams=[s.strip() for s in streams.split(",") if s.strip()], device=device,
+            progress=not no_progress, **options)
+    except (ConfigError, PromptFileError, ModelLoadError, AtlasError, CheckpointError, FileNotFoundError,
+            ValueError) as e:
+        _fail(str(e))
+    click.echo(format_metrics(result))
+    if options.get("atlas"):
+        click.echo(f"metrics stored in {options['atlas']} (tables transcoder_metrics, transcoder_set_metrics)")
+
+
+@main.command()
+@click.argument("atlas_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--target", "targets", multiple=True, required=True,
+              help="Target spec (repeatable): L2.img.17[@top|@sum|@POS], topN[:L2,3][:img|txt], file:FEATURES.txt, "
+                   "output:REGION:DIRECTION (REGION all | rows=A-B,cols=C-D | patches=I,J | mask=FILE; "
+                   "DIRECTION self | rgb=R,G,B | dir=v1,...).")
+@click.option("--steps", default="0", show_default=True, help="Comma-separated denoising step indices.")
+@click.option("--prompt-ids", help="Comma-separated prompt ids of the run (default: all).")
+@click.option("--where", help="SQL condition over the prompts table, e.g. \"text LIKE '%red%'\".")
+@click.option("--limit", type=int, help="At most N prompts (after --prompt-ids / --where).")
+@click.option("--max-feature-nodes", type=int, default=1000, show_default=True, help="Feature rows expanded per graph.")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Adjacency rows per backward pass.")
+@click.option("--node-threshold", type=float, default=0.8, show_default=True)
+@click.option("--edge-threshold", type=float, default=0.98, show_default=True)
+@click.option("--faithfulness-k", type=int, default=10, show_default=True, help="Features ablated per graph (0: skip).")
+@click.option("--dtype", type=click.Choice(["auto", "float64", "float32"]), default="auto", show_default=True,
+              help="Attribution dtype (auto: float64 on CPU, float32 on GPU).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--run-id", help="Ingest run to trace (default: the latest).")
+@click.option("--no-progress", is_flag=True)
+def trace(atlas_dir, targets, steps, prompt_ids, where, limit, max_feature_nodes, batch_size, node_threshold,
+          edge_threshold, faithfulness_k, dtype, device, run_id, no_progress):
+    """Compute attribution graphs for chosen targets and store them in the atlas (resumable)."""
+    from atlas.attribution.trace import TraceConfig, TraceError, run_trace
+    from atlas.store.catalog import AtlasError
+
+    try:
+        cfg = TraceConfig(targets=list(targets), steps=_int_list(steps, "steps"),
+                          prompt_ids=_int_list(prompt_ids, "prompt-ids") if prompt_ids else None, where=where,
+                          limit=limit, max_feature_nodes=max_feature_nodes, batch_size=batch_size,
+                          node_threshold=node_threshold, edge_threshold=edge_threshold, faithfulness_k=faithfulness_k,
+                          dtype=dtype, device=device, run_id=run_id)
+        result = run_trace(atlas_dir, cfg, progress=not no_progress)
+    except (TraceError, AtlasError, ConfigError) as e:
+        _fail(str(e))
+    click.echo(
+        f"run {result.run_id}: {result.graphs_new} new graph(s) ({result.empty} empty, {result.errors} failed), "
+        f"{result.graphs_skipped} already in the atlas, {result.graphs_total} in total"
+    )
+    click.echo(f"query them: atlas sql {atlas_dir} \"SELECT graph_id, prompt_id, step, target_key, status, n_nodes, "
+               "n_edges, conservation_error, replacement_score FROM graphs\"")
+
+
+@main.command("export-graph")
+@click.argument("atlas_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("graph_id")
+@click.option("--format", "fmt", type=click.Choice(["circuit-tracer", "difract"]), default="circuit-tracer",
+              show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="JSON file to write.")
+def export_graph_cmd(atlas_dir, graph_id, fmt, out):
+    """Write one stored graph as circuit-tracer/Neuronpedia JSON or DifFRACT v2 JSON."""
+    from atlas.attribution.export import ExportError, export_graph
+    from atlas.store.catalog import AtlasError
+
+    try:
+        path = export_graph(atlas_dir, graph_id, fmt, out)
+    except (ExportError, AtlasError) as e:
+        _fail(str(e))
+    click.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -47,3 +47,22 @@ def test_ingest_reports_unknown_stream_and_bad_layers(tmp_path):
     assert result.exit_code == 2 and "available streams" in result.output
     result = runner.invoke(main, ["ingest", "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--layers", "1,x"])
     assert result.exit_code == 2 and "--layers takes comma-separated integers" in result.output
+
+
+def test_query_command(small_atlas, tmp_path):
+    import polars as pl
+
+    runner = CliRunner()
+    listing = runner.invoke(main, ["query", "--list"])
+    assert listing.exit_code == 0 and "top_features" in listing.output and "--param k=<INTEGER>" in listing.output
+    result = runner.invoke(main, ["query", str(small_atlas), "top_features", "-p", "k=1", "-p", "stream=txt", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("run_id,layer,stream,rank,feature") and len(lines) == 1 + 4
+    out = tmp_path / "top.parquet"
+    result = runner.invoke(main, ["query", str(small_atlas), "top_features", "--format", "parquet", "--out", str(out)])
+    assert result.exit_code == 0 and len(pl.read_parquet(out)) == 4 * 2 * 10
+    bad = runner.invoke(main, ["query", str(small_atlas), "top_features", "-p", "k"])
+    assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
+    bad = runner.invoke(main, ["query", str(small_atlas), "no_such_query"])
+    assert bad.exit_code == 2 and "available:" in bad.output

@@ -163,6 +163,7 @@ def run_ingest(cfg: RunConfig, *, new_run: bool = False, resume: bool = False, p
                 "run_id": run_id, "config_json": json.dumps(cfg.to_dict()), "config_hash": cfg.config_hash(),
                 "model_id": cfg.model, "model_revision": model_info.get("revision"),
                 "model_json": json.dumps({**model_info, "resolved": resolved}, default=str),
+                "height": height, "width": width, "patch_px": patch_px, "n_steps": steps,
                 "transcoder_source": tc_source,
                 "transcoder_checksums": json.dumps({r["stream"] + "_" + str(r["layer"]): r["checksum"] for r in tc_rows}),
                 "versions_json": json.dumps(_versions()), "host": f"{platform.node()} ({device})",
