@@ -135,6 +135,10 @@ def demo(out, limit, no_progress):
     click.echo(f"  cd {result.atlas_dir} && duckdb atlas.duckdb   # or: atlas sql {result.atlas_dir} \"...\"\n")
     for title, sql in EXAMPLE_QUERIES:
         click.echo(f"-- {title}\n{sql};\n")
+    from atlas.report import render_report
+
+    report = render_report(result.atlas_dir, Path(result.atlas_dir) / "report", progress=not no_progress)
+    click.echo(f"{report.summary()}\nOpen the report in a browser: {report.index}")
 
 
 def _print_frame(frame, fmt: str, out: str | None) -> None:
@@ -281,9 +285,8 @@ def train_transcoders_cmd(layers, streams, no_eval, no_progress, **options):
     except (ConfigError, TrainConfigError, PromptFileError, ModelLoadError, AtlasError, TrainingDivergedError) as e:
         _fail(str(e))
     tp = result.throughput
-    click.echo(f"{len(result.modules)} {cfg.role}(s) written to {result.folder} "
-               f"(resumed from step {result.resumed_from})" if result.resumed_from else
-               f"{len(result.modules)} {cfg.role}(s) written to {result.folder}")
+    resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
+    click.echo(f"{len(result.modules)} {cfg.role}(s) written to {result.folder}{resumed}")
     click.echo(f"{tp['steps_run']} steps in {tp['seconds']:.1f} s ({tp['harvest_seconds']:.1f} s harvesting), "
                f"{tp['rows_per_second'] or 0:.0f} rows/s; buffer {tp['buffer_bytes'] / 1e9:.3f} GB of "
                f"{tp['buffer_budget_bytes'] / 1e9:.3f} GB budget")
@@ -346,7 +349,7 @@ def eval_transcoders_cmd(layers, streams, device, no_progress, **options):
 @click.option("--where", help="SQL condition over the prompts table, e.g. \"text LIKE '%red%'\".")
 @click.option("--limit", type=int, help="At most N prompts (after --prompt-ids / --where).")
 @click.option("--max-feature-nodes", type=int, default=1000, show_default=True, help="Feature rows expanded per graph.")
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Adjacency rows per backward pass.")
+@click.option("--batch-size", type=int, help="Adjacency rows per backward pass (default: 256 on GPU, 32 on CPU).")
 @click.option("--node-threshold", type=float, default=0.8, show_default=True)
 @click.option("--edge-threshold", type=float, default=0.98, show_default=True)
 @click.option("--faithfulness-k", type=int, default=10, show_default=True, help="Features ablated per graph (0: skip).")
@@ -354,13 +357,18 @@ def eval_transcoders_cmd(layers, streams, device, no_progress, **options):
               help="Attribution dtype (auto: float64 on CPU, float32 on GPU).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--run-id", help="Ingest run to trace (default: the latest).")
+@click.option("--threads", type=int, help="torch intra-op threads (1 is fastest on a busy small CPU).")
 @click.option("--no-progress", is_flag=True)
 def trace(atlas_dir, targets, steps, prompt_ids, where, limit, max_feature_nodes, batch_size, node_threshold,
-          edge_threshold, faithfulness_k, dtype, device, run_id, no_progress):
+          edge_threshold, faithfulness_k, dtype, device, run_id, threads, no_progress):
     """Compute attribution graphs for chosen targets and store them in the atlas (resumable)."""
+    import torch
+
     from atlas.attribution.trace import TraceConfig, TraceError, run_trace
     from atlas.store.catalog import AtlasError
 
+    if threads:
+        torch.set_num_threads(threads)
     try:
         cfg = TraceConfig(targets=list(targets), steps=_int_list(steps, "steps"),
                           prompt_ids=_int_list(prompt_ids, "prompt-ids") if prompt_ids else None, where=where,
@@ -394,6 +402,34 @@ def export_graph_cmd(atlas_dir, graph_id, fmt, out):
     except (ExportError, AtlasError) as e:
         _fail(str(e))
     click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("atlas_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: ATLAS_DIR/report).")
+@click.option("--examples-per-step", type=int, default=5, show_default=True,
+              help="Top-activating examples shown per feature and denoising step.")
+@click.option("--max-feature-pages", type=int, default=None,
+              help="At most N feature pages per layer and stream (the most frequent and the strongest, plus "
+                   "features in graphs). Default: a page for every feature that fired.")
+@click.option("--force", is_flag=True, help="Render every page even if the atlas did not change.")
+@click.option("--no-progress", is_flag=True)
+def report(atlas_dir, out, examples_per_step, max_feature_pages, force, no_progress):
+    """Render the atlas as a static HTML site (opens from the file system; only changed pages are rewritten)."""
+    import duckdb
+
+    from atlas.report import ReportDirError, render_report
+    from atlas.store.catalog import AtlasError
+
+    try:
+        result = render_report(atlas_dir, out, force=force, examples_per_step=examples_per_step,
+                               max_feature_pages=max_feature_pages, progress=not no_progress)
+    except (AtlasError, ReportDirError) as e:
+        _fail(str(e))
+    except duckdb.Error as e:
+        _fail(f"cannot read {atlas_dir} (an atlas written by an older version of the schema?): {e}")
+    click.echo(result.summary())
+    click.echo(f"open {result.index}")
 
 
 if __name__ == "__main__":

@@ -51,8 +51,10 @@ def _fact_view_sql(table: Table, atlas_dir: Path) -> str:
         f"hive_types = {{{hive_types}}}, union_by_name = true)"
     )
     sql = f"CREATE OR REPLACE VIEW {table.name} AS SELECT {names} FROM {src} AS f"
-    if table.committed_only:
-        sql += " SEMI JOIN batches AS b ON f.run_id = b.run_id AND f.batch_id = b.batch_id"
+    if table.commit_log:
+        log_table, keys = table.commit_log
+        on = " AND ".join(f"f.{k} = c.{k}" for k in keys)
+        sql += f" SEMI JOIN {log_table} AS c ON {on}"
     return sql
 
 

@@ -4,7 +4,7 @@ A batch's rows are written as one file per hive partition
 (``facts/<table>/run_id=R/layer=L/stream=S/batch-000012.parquet``). Each file is first written
 under a ``.tmp`` name and renamed, so no half-written Parquet file is ever visible; the batch
 as a whole becomes visible only when its row lands in the catalog's ``batches`` table (the views
-of ``committed_only`` tables semi-join on it). Files of batches that never committed are removed
+of tables with a ``commit_log`` semi-join on it). Files of batches that never committed are removed
 by :func:`remove_uncommitted` before a run resumes.
 """
 

@@ -36,8 +36,9 @@ class Table:
 
     ``columns`` are ``(name, duckdb_type, description)``. For fact tables, ``partition_by`` names
     the leading columns that live in the hive path (``facts/<name>/run_id=.../layer=.../...``)
-    rather than inside the Parquet files, and ``committed_only`` makes the catalog's view show only
-    rows of batches recorded in ``batches`` (the commit log), so files of a batch that was killed
+    rather than inside the Parquet files, and ``commit_log`` = ``(table, keys)`` makes the
+    catalog's view show only rows whose keys have a row in that catalog table (``batches`` for
+    ingest batches, ``graphs`` for attribution graphs), so files written by a process killed
     before its commit are never visible.
     """
 
@@ -47,7 +48,7 @@ class Table:
     primary_key: tuple[str, ...] = ()
     fact: bool = False
     partition_by: tuple[str, ...] = ()
-    committed_only: bool = False
+    commit_log: tuple[str, tuple[str, ...]] | None = None
 
     @property
     def column_names(self) -> list[str]:
@@ -255,7 +256,7 @@ TABLES: dict[str, Table] = {
             ),
             fact=True,
             partition_by=("run_id", "layer", "stream"),
-            committed_only=True,
+            commit_log=("batches", ("run_id", "batch_id")),
         ),
         Table(
             "top_examples",
@@ -284,8 +285,9 @@ TABLES: dict[str, Table] = {
             "graphs",
             "Attribution graphs (one per prompt, step and target) written by `atlas trace`. A graph's "
             "graph_nodes/graph_edges files are written first and this row is committed last, so a row "
-            "here means its facts are complete; join on graph_id (files of a trace killed before its "
-            "commit are ignored by such joins and removed by the next `atlas trace`).",
+            "here means its facts are complete: the graph_nodes/graph_edges views show a graph's rows only "
+            "once its row is here (files of a trace killed before its commit stay invisible and are "
+            "removed by the next `atlas trace`).",
             _cols(
                 "graph_id VARCHAR | sha256 prefix of run, prompt, step, target spec and rank, trace settings",
                 "run_id VARCHAR",
@@ -350,7 +352,7 @@ TABLES: dict[str, Table] = {
         Table(
             "graph_nodes",
             "Nodes of the stored (pruned) attribution graphs; one file per graph "
-            "(facts/graph_nodes/run_id=R/graph-<graph_id>.parquet). Join graphs on graph_id.",
+            "(facts/graph_nodes/run_id=R/graph-<graph_id>.parquet), visible once its graphs row is committed.",
             _cols(
                 "run_id VARCHAR",
                 "graph_id VARCHAR",
@@ -367,6 +369,7 @@ TABLES: dict[str, Table] = {
             ),
             fact=True,
             partition_by=("run_id",),
+            commit_log=("graphs", ("run_id", "graph_id")),
         ),
         Table(
             "graph_edges",
@@ -386,6 +389,7 @@ TABLES: dict[str, Table] = {
             ),
             fact=True,
             partition_by=("run_id",),
+            commit_log=("graphs", ("run_id", "graph_id")),
         ),
     ]
 }
