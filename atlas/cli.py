@@ -151,8 +151,10 @@ def _print_frame(frame, fmt: str, out: str | None) -> None:
         frame.write_parquet(out)
         click.echo(f"wrote {len(frame)} rows to {out}")
         return
-    if fmt == "csv":
-        text = frame.write_csv()
+    if fmt == "csv":  # CSV has no nested types: list columns (e.g. prompt_ids) are written as "[1, 2]"
+        lists = [c for c, t in frame.schema.items() if isinstance(t, pl.List) and not t.inner.is_nested()]
+        text = frame.with_columns(pl.concat_str([pl.lit("["), pl.col(c).cast(pl.List(pl.String)).list.join(", "), pl.lit("]")]).alias(c)
+                                  for c in lists).write_csv()
     elif fmt == "json":
         text = frame.write_json()
     else:
@@ -430,6 +432,75 @@ def report(atlas_dir, out, examples_per_step, max_feature_pages, force, no_progr
         _fail(f"cannot read {atlas_dir} (an atlas written by an older version of the schema?): {e}")
     click.echo(result.summary())
     click.echo(f"open {result.index}")
+
+
+
+@main.command("label-errors")
+@click.argument("atlas_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("labels", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--oracle", is_flag=True, help="Judge the stored images with the toy world's pixel oracle (toy-grammar prompts).")
+@click.option("--run-id", help="Run the labels' prompt ids refer to (default: the atlas's only run).")
+@click.option("--skip-bad", is_flag=True, help="Import the good lines of a labels file even if some are bad (they are listed).")
+def label_errors(atlas_dir, labels, oracle, run_id, skip_bad):
+    """Fill the generation_errors table from a labels file (CSV/JSONL) or the toy oracle.
+
+    LABELS has one row per error (prompt_id, error_type and optionally run_id, object_index, object,
+    attribute, expected, observed, note, text); error_type none/correct marks a generation checked and
+    found correct. Bad lines and unknown prompt ids are reported by line number and nothing is changed,
+    unless --skip-bad.
+    """
+    from atlas.query.errors import LabelError, OracleUnavailable, check_with_oracle, import_labels
+    from atlas.store.catalog import AtlasError
+
+    if bool(labels) == bool(oracle):
+        _fail("give a labels file or --oracle (one of them)")
+    try:
+        if oracle:
+            res = check_with_oracle(atlas_dir, run_id=run_id)
+        else:
+            res = import_labels(atlas_dir, labels, run_id=run_id, skip_bad=skip_bad)
+    except (LabelError, OracleUnavailable, AtlasError, ValueError) as e:
+        _fail(str(e))
+    for prob in res.skipped:
+        click.echo(f"skipped line {prob.line}: {prob.message}", err=True)
+    extra = f", {res.unjudged} prompt(s) outside the toy grammar not judged" if oracle else ""
+    click.echo(f"{res.source}: {res.rows_written} row(s) for {res.generations} generation(s) "
+               f"({res.errors} with errors, {res.correct} correct){extra}")
+    click.echo(f"compare them: atlas query {atlas_dir} error_explanations   (and error_edges, generation_errors)")
+
+
+@main.command()
+@click.argument("atlas_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--run-id", help="Analyse one run (default: all runs).")
+@click.option("--regions", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+              help="auto: ground-truth object regions for toy-grammar prompts; none: always find objects from noun features.")
+@click.option("--no-supernodes", is_flag=True, help="Skip grouping features into supernodes.")
+@click.option("--min-similarity", type=float, default=0.8, show_default=True, help="Supernodes: role cosine to link two features.")
+@click.option("--min-shared-dims", type=int, default=2, show_default=True, help="Supernodes: shared neighbours to link two features.")
+@click.option("--min-support", type=int, default=2, show_default=True, help="Supernodes: graphs a feature must appear in.")
+@click.option("--max-features", type=int, default=500, show_default=True, help="Supernodes: most recurring features considered per run.")
+@click.option("--any-layer", is_flag=True, help="Supernodes: also link features of different layers.")
+def analyze(atlas_dir, run_id, regions, no_supernodes, min_similarity, min_shared_dims, min_support, max_features,
+            any_layer):
+    """Fill the derived tables the analysis queries read: binding pairs/regions and supernodes (torch-free)."""
+    import duckdb
+
+    from atlas.analysis import analyze as run_analyze
+    from atlas.store.catalog import AtlasError
+
+    try:
+        res = run_analyze(atlas_dir, run_id=run_id, regions=regions, supernodes=not no_supernodes,
+                          min_similarity=min_similarity, min_shared_dims=min_shared_dims, min_support=min_support,
+                          max_features=max_features, same_layer=not any_layer)
+    except (AtlasError, ValueError, duckdb.Error) as e:
+        _fail(str(e))
+    b = res.binding
+    click.echo(f"binding: {b['pairs']} attribute-object pair(s) in {b['with_pairs']} of {b['prompts']} prompt(s) "
+               f"({b['ground_truth']} with ground-truth regions; {b['not_two_pairs']} not two-object prompts, "
+               f"{b['not_located']} not found among the stored tokens)")
+    if not no_supernodes:
+        click.echo(f"supernodes: {res.supernodes} group(s)")
+    click.echo(f"query them: atlas query {atlas_dir} attribute_binding | binding_features | recurring_circuits | supernodes")
 
 
 if __name__ == "__main__":

@@ -217,6 +217,9 @@ def _atomic_write(dest: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, dest)
     except BaseException:
         if os.path.exists(tmp):
