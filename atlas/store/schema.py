@@ -391,6 +391,78 @@ TABLES: dict[str, Table] = {
             partition_by=("run_id",),
             commit_log=("graphs", ("run_id", "graph_id")),
         ),
+        Table(
+            "generation_errors",
+            "What is wrong with a generation (one row per error found), or error_type 'none' for a generation "
+            "checked and found correct. Filled by `atlas label-errors`: the toy world's pixel oracle (--oracle) "
+            "or a user's labels (CSV/JSONL). A generation with no row here was never checked.",
+            _cols(
+                "run_id VARCHAR",
+                "prompt_id INTEGER",
+                "error_type VARCHAR | none (checked, correct), missing_object, extra_object, wrong_colour, colour_swap, "
+                "colour_leakage, wrong_shape, shape_swap, position_swap, or a user's own label",
+                "object_index SMALLINT | the object concerned, in the order the prompt names them (0 = first); NULL for the whole image",
+                "object VARCHAR | the object concerned as the prompt names it, e.g. sphere",
+                "attribute VARCHAR | what is wrong about it: colour, shape, texture, object (missing/extra), position; NULL if unknown",
+                "expected VARCHAR | what the prompt asks for, e.g. red",
+                "observed VARCHAR | what the image shows, e.g. blue",
+                "source VARCHAR | oracle, or labels:<file name> for imported labels",
+                "detail VARCHAR | free text or JSON (the oracle's colour fractions and box, a labeller's note)",
+                "created_at TIMESTAMP",
+            ),
+        ),
+        Table(
+            "binding_pairs",
+            "Attribute-object pairs of two-object prompts (\"a red cube and a blue sphere\"), with the text-stream "
+            "token positions of the attribute word and of the object's head noun. Written by `atlas analyze`.",
+            _cols(
+                "run_id VARCHAR",
+                "prompt_id INTEGER",
+                "pair_index SMALLINT | 0 = first-named pair",
+                "attribute VARCHAR | the attribute word, e.g. red",
+                "attribute_kind VARCHAR | colour, shape, texture or attribute (unknown vocabulary)",
+                "attribute_start SMALLINT | first text-stream position of the attribute word",
+                "attribute_end SMALLINT | last text-stream position of the attribute word (inclusive)",
+                "object VARCHAR | head noun of the object, e.g. sphere",
+                "object_start SMALLINT | first text-stream position of the head noun",
+                "object_end SMALLINT | last text-stream position of the head noun (inclusive)",
+                "side VARCHAR | left or right where a world's grammar places the object, else NULL",
+                "region_source VARCHAR | ground_truth (object_regions has its patches) or noun_features (found per graph)",
+            ),
+            primary_key=("run_id", "prompt_id", "pair_index"),
+        ),
+        Table(
+            "object_regions",
+            "Ground-truth image patches of each binding pair's object, where a world provides them (the toy "
+            "world puts the objects of a pair in the left and right halves). Written by `atlas analyze`.",
+            _cols(
+                "run_id VARCHAR",
+                "prompt_id INTEGER",
+                "pair_index SMALLINT",
+                "position SMALLINT | image-stream position (row-major patch index)",
+                "source VARCHAR | e.g. toy_world:left",
+            ),
+            primary_key=("run_id", "prompt_id", "pair_index", "position"),
+        ),
+        Table(
+            "supernodes",
+            "Candidate supernodes: groups of features that play the same role across attribution graphs "
+            "(connected components of feature pairs with similar graph neighbourhoods and co-occurrence; "
+            "no decoder directions). Written by `atlas analyze`.",
+            _cols(
+                "run_id VARCHAR",
+                "supernode_id INTEGER | 0 = the group with the most graphs",
+                "layer INTEGER",
+                "stream VARCHAR",
+                "feature INTEGER",
+                "n_members INTEGER | features in the group",
+                "n_graphs INTEGER | graphs this feature appears in",
+                "mean_similarity DOUBLE | mean role similarity of this feature to the other members it is linked to",
+                "method VARCHAR | how the groups were formed, with the thresholds used",
+                "created_at TIMESTAMP",
+            ),
+            primary_key=("run_id", "supernode_id", "layer", "stream", "feature"),
+        ),
     ]
 }
 
