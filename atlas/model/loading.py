@@ -19,7 +19,8 @@ from diffusers import FluxPipeline
 from atlas.model.tiny import TINY_RECOMMENDED, build_tiny_pipeline
 
 __all__ = [
-    "DEFAULT_MODEL_ID", "FLUX_SCHNELL_RECOMMENDED", "BUILTIN_MODELS", "ModelLoadError",
+    "DEFAULT_MODEL_ID", "FLUX_SCHNELL_RECOMMENDED", "TOY_PIPELINE_DIR", "TOY_RECOMMENDED", "BUILTIN_MODELS",
+    "ModelLoadError",
     "load_pipeline", "recommended_settings", "describe_pipeline",
 ]
 
@@ -30,9 +31,19 @@ DEFAULT_MODEL_ID = "black-forest-labs/FLUX.1-schnell"
 FLUX_SCHNELL_RECOMMENDED = {"height": 512, "width": 512, "num_inference_steps": 4, "guidance_scale": 0.0,
                             "max_sequence_length": 256}
 
-#: Built-in models: name -> (builder(seed) -> FluxPipeline, recommended generation settings).
-BUILTIN_MODELS: dict[str, tuple[Callable[..., FluxPipeline], dict[str, Any]]] = {
+#: Folder of the shipped toy pipeline (a `save_pretrained` output; trained by
+#: `python -m atlas.toy.train --out data/toy/pipeline --seed 0`, see data/toy/README.md).
+TOY_PIPELINE_DIR = Path(__file__).resolve().parents[2] / "data" / "toy" / "pipeline"
+
+#: Settings the toy pipeline was trained for (32x32, 4 schnell-style steps, no guidance).
+TOY_RECOMMENDED = {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 0.0,
+                   "max_sequence_length": 32}
+
+#: Built-in models: name -> (builder(seed) -> FluxPipeline, or the path of a saved pipeline folder
+#: loaded like any local folder; recommended generation settings).
+BUILTIN_MODELS: dict[str, tuple[Callable[..., FluxPipeline] | Path, dict[str, Any]]] = {
     "tiny": (build_tiny_pipeline, TINY_RECOMMENDED),
+    "toy": (TOY_PIPELINE_DIR, TOY_RECOMMENDED),
 }
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -71,7 +82,8 @@ def load_pipeline(model: str = DEFAULT_MODEL_ID, *, device: str | torch.device =
                   local_files_only: bool | None = None, seed: int = 0) -> FluxPipeline:
     """Load a FluxPipeline, put every component in `.eval()` and move it to `device`.
 
-    model: a built-in name (a key of `BUILTIN_MODELS`, built in code from `seed`), an existing
+    model: a built-in name (a key of `BUILTIN_MODELS`: built in code from `seed`, or a shipped
+    folder loaded exactly like a local folder, e.g. "toy"), an existing
     local folder (a `save_pretrained` output or a hub snapshot; loaded with
     `local_files_only=True`), or a hub repo id "owner/name" (loaded with `revision` and
     `local_files_only`; None leaves the choice to huggingface_hub, which honours HF_HUB_OFFLINE).
@@ -83,8 +95,16 @@ def load_pipeline(model: str = DEFAULT_MODEL_ID, *, device: str | torch.device =
     be loaded (e.g. offline and not cached), with instructions on how to fix it.
     """
     torch_dtype = _resolve_dtype(dtype)
-    if model in BUILTIN_MODELS:
-        pipe = BUILTIN_MODELS[model][0](seed=seed)
+    builtin = BUILTIN_MODELS.get(model, (None,))[0]
+    if builtin is not None and not callable(builtin):
+        folder = str(builtin)
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            raise ModelLoadError(f"built-in model {model!r} is a saved pipeline expected at {folder!r}, which holds "
+                                 "no model_index.json (see the README.md next to it for how it is trained).")
+        pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch_dtype, local_files_only=True)
+        source = {"kind": "builtin", "revision": None}
+    elif builtin is not None:
+        pipe = builtin(seed=seed)
         source = {"kind": "builtin", "revision": None}
     elif os.path.isdir(os.path.expanduser(model)):
         folder = os.path.expanduser(model)
