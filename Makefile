@@ -6,7 +6,7 @@ VENV_ARGS ?=
 BIN    := $(VENV)/bin
 TORCH_CPU_VERSION := 2.13.0
 
-.PHONY: setup demo test test-slow clean-demo
+.PHONY: setup demo test test-slow clean-demo toy
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV_ARGS) $(VENV)
@@ -36,3 +36,14 @@ test-slow: setup
 
 clean-demo:
 	rm -rf data/atlases/demo
+
+# Retrain the shipped toy world from scratch (data/toy/; about an hour on 2 CPU cores): the pipeline
+# (VAE, then transformer + text encoders), then transcoders for every double-stream layer and both
+# streams, then the SAE baseline for two layers. Seeded; see data/toy/README.md.
+TOY_TC_ARGS := --model toy --prompts data/toy/prompts/train.txt --eval-prompts data/toy/prompts/held_out.txt \
+	--out data/toy --steps 600 --batch-size 1024 --lr 3e-3 --reuse 4 --buffer-gb 0.4 --gen-batch-size 64 --seed 0
+toy: setup
+	$(BIN)/python -m atlas.toy.train --out data/toy/pipeline --seed 0
+	rm -rf data/toy/temporal-aware-transcoders data/toy/temporal-aware-saes
+	$(BIN)/atlas train-transcoders $(TOY_TC_ARGS)
+	$(BIN)/atlas train-transcoders $(TOY_TC_ARGS) --role sae --layers 1,2

@@ -11,9 +11,7 @@ import click
 
 from atlas.ingest.config import ConfigError, RunConfig, load_run_config
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_PROMPTS = REPO_ROOT / "data" / "prompts" / "t2i-compbench" / "color_val.txt"
-DEMO_OUT = REPO_ROOT / "data" / "atlases" / "demo"
+from atlas.demo import DEMO_OUT
 
 EXAMPLE_QUERIES = [
     ("features firing most often per layer and stream",
@@ -42,11 +40,18 @@ def _fail(message: str) -> None:
 def main(verbose: bool) -> None:
     """circuit atlas: trace circuits of FLUX-architecture text-to-image models into SQL tables."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def _quiet_libraries() -> None:
+    """Silence diffusers/transformers warnings (the atlas reports truncation itself, per prompt and
+    line). Called only by commands that load a model, so query commands start without importing them."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
-    dlog.set_verbosity_error()  # the atlas reports truncation itself, per prompt and line
+    dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    dlog.disable_progress_bar()  # "Loading pipeline components": the atlas shows its own progress
+    tlog.disable_progress_bar()
 
 
 def _ingest_options(f):
@@ -54,9 +59,10 @@ def _ingest_options(f):
         click.option("--prompts", type=click.Path(dir_okay=False), help="Prompt file: .txt (a line each), .tsv (Prompt column), .jsonl (prompt field)."),
         click.option("--out", type=click.Path(file_okay=False), help="Atlas folder to create or extend."),
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="TOML run config (see ingest/); options given here override it."),
-        click.option("--model", help="Hub id, local folder, or built-in ('tiny'). Default: the built-in offline model."),
+        click.option("--model", help="Hub id, local folder, or built-in ('toy', the default; 'tiny', untrained)."),
         click.option("--revision", help="Hub revision (branch, tag or commit) of the model."),
-        click.option("--transcoders", help="Folder or hub repo in the DifFRACT layout, or 'random-init'."),
+        click.option("--transcoders", help="Folder or hub repo in the DifFRACT layout, built-in 'toy', or 'random-init'. "
+                                              "Default: the model's shipped ones (toy) or random-init (tiny)."),
         click.option("--role", type=click.Choice(["transcoder", "sae"]), help="Load transcoders (MLP in -> out) or SAEs (out -> out)."),
         click.option("--layers", help="Comma-separated double-stream block indices (default: all)."),
         click.option("--streams", help="Comma-separated streams: img,txt."),
@@ -100,6 +106,7 @@ def build_config(config_file: str | None, **options) -> RunConfig:
 @_ingest_options
 def ingest(config_file, resume, new_run, no_progress, **options):
     """Run prompts through the model with transcoders and write an atlas."""
+    _quiet_libraries()
     from atlas.ingest.prompts import PromptFileError
     from atlas.ingest.runner import run_ingest
     from atlas.store.catalog import AtlasError
@@ -119,26 +126,28 @@ def ingest(config_file, resume, new_run, no_progress, **options):
 
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False), default=str(DEMO_OUT), show_default=True)
-@click.option("--limit", type=int, default=None, help="Ingest only the first N prompts (default: all 300 of T2I-CompBench color_val).")
+@click.option("--limit", type=int, default=None,
+              help="Ingest only the first N prompts (default: all 376 held-out prompts of the toy world).")
+@click.option("--trace-prompts", type=int, default=8, show_default=True,
+              help="Two-object prompts to trace (two graphs each; 0 skips tracing).")
 @click.option("--no-progress", is_flag=True)
-def demo(out, limit, no_progress):
-    """The whole journey on the built-in offline model and a shipped prompt set (CPU, minutes)."""
-    from atlas.ingest.runner import run_ingest
+def demo(out, limit, trace_prompts, no_progress):
+    """The whole journey on the shipped toy model: ingest, oracle labels, graphs, analyses, report (CPU, minutes)."""
+    from atlas.demo import run_demo
 
-    cfg = RunConfig(prompts=str(DEMO_PROMPTS), out=out, limit=limit)
+    _quiet_libraries()
     try:
-        result = run_ingest(cfg, progress=not no_progress)
+        result = run_demo(out, limit=limit, trace_prompts=trace_prompts, progress=not no_progress, echo=click.echo)
     except Exception as e:  # noqa: BLE001 - the demo reports any failure plainly
         _fail(f"{type(e).__name__}: {e}")
-    click.echo(f"\nDemo atlas written: {result.atlas_dir}  (run {result.run_id}, {result.generations_total} generations)")
+    click.echo(f"\nDemo atlas written: {result.atlas_dir}  (run {result.run_id}, {result.generations} generations, "
+               f"{result.with_errors} with errors, {result.graphs} graphs)")
     click.echo("Query it with SQL, e.g.\n")
     click.echo(f"  cd {result.atlas_dir} && duckdb atlas.duckdb   # or: atlas sql {result.atlas_dir} \"...\"\n")
     for title, sql in EXAMPLE_QUERIES:
         click.echo(f"-- {title}\n{sql};\n")
-    from atlas.report import render_report
-
-    report = render_report(result.atlas_dir, Path(result.atlas_dir) / "report", progress=not no_progress)
-    click.echo(f"{report.summary()}\nOpen the report in a browser: {report.index}")
+    click.echo(f"Named questions: atlas query --list; e.g. atlas query {result.atlas_dir} error_explanations\n")
+    click.echo(f"Open the report in a browser: {result.report_index}")
 
 
 def _print_frame(frame, fmt: str, out: str | None) -> None:
@@ -230,7 +239,7 @@ def query(atlas_dir, name, params, list_, fmt, out):
 def _train_options(f):
     """Options of `atlas train-transcoders`; unset ones take TrainConfig's defaults (the paper's recipe)."""
     opts = [
-        click.option("--model", help="Hub id, local folder, or built-in ('tiny', the default)."),
+        click.option("--model", help="Hub id, local folder, or built-in ('toy', the default; 'tiny')."),
         click.option("--revision", help="Hub revision of the model."),
         click.option("--prompts", required=True, type=click.Path(dir_okay=False), help="Training prompt file."),
         click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -270,6 +279,7 @@ def _train_options(f):
 @_train_options
 def train_transcoders_cmd(layers, streams, no_eval, no_progress, **options):
     """Train transcoders (or SAEs) on activations harvested from generations (DifFRACT recipe)."""
+    _quiet_libraries()
     from atlas.ingest.prompts import PromptFileError
     from atlas.model import ModelLoadError
     from atlas.store.catalog import AtlasError
@@ -299,9 +309,9 @@ def train_transcoders_cmd(layers, streams, no_eval, no_progress, **options):
 
 
 @main.command("eval-transcoders")
-@click.option("--model", default="tiny", show_default=True, help="Hub id, local folder or built-in.")
+@click.option("--model", default="toy", show_default=True, help="Hub id, local folder or built-in.")
 @click.option("--revision", help="Hub revision of the model.")
-@click.option("--transcoders", required=True, help="Folder or hub repo in the published DifFRACT layout.")
+@click.option("--transcoders", required=True, help="Folder or hub repo in the published DifFRACT layout, or built-in 'toy'.")
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False), help="Held-out evaluation prompts.")
 @click.option("--atlas", type=click.Path(file_okay=False), help="Atlas folder to store the metrics in (created if missing).")
 @click.option("--role", type=click.Choice(["transcoder", "sae"]), help="Default: the layout folder present.")
@@ -317,6 +327,7 @@ def train_transcoders_cmd(layers, streams, no_eval, no_progress, **options):
 @click.option("--no-progress", is_flag=True)
 def eval_transcoders_cmd(layers, streams, device, no_progress, **options):
     """Fidelity of a transcoder set: FVU, explained variance, L0, dead fraction per step; end-to-end."""
+    _quiet_libraries()
     from atlas.ingest.prompts import PromptFileError
     from atlas.model import ModelLoadError
     from atlas.store.catalog import AtlasError
@@ -364,6 +375,7 @@ def eval_transcoders_cmd(layers, streams, device, no_progress, **options):
 def trace(atlas_dir, targets, steps, prompt_ids, where, limit, max_feature_nodes, batch_size, node_threshold,
           edge_threshold, faithfulness_k, dtype, device, run_id, threads, no_progress):
     """Compute attribution graphs for chosen targets and store them in the atlas (resumable)."""
+    _quiet_libraries()
     import torch
 
     from atlas.attribution.trace import TraceConfig, TraceError, run_trace

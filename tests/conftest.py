@@ -15,5 +15,5 @@ def small_atlas(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("small") / "atlas"
     run_ingest(RunConfig(prompts=str(DATA / "t2i-compbench" / "color_val.txt"), out=str(out), limit=12,
-                         batch_size=6, top_k=5), progress=False)
+                         batch_size=6, top_k=5, model="tiny"), progress=False)
     return out

@@ -57,7 +57,7 @@ def setup(one_thread):
     torch.manual_seed(0)
     pipe = load_pipeline("tiny")
     gen = recommended_settings("tiny")
-    cfg = RunConfig(prompts="x", out="y", expansion_factor=4, random_init_density=0.02)
+    cfg = RunConfig(prompts="x", out="y", model="tiny", expansion_factor=4, random_init_density=0.02)
     tcs, _, _ = setup_transcoders(cfg, pipe, [0, 1, 2, 3], gen, "cpu")
     inputs = capture_step_inputs(pipe, PROMPT, 0, 1, **gen)
     return pipe, gen, tcs, inputs

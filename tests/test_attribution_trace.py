@@ -41,7 +41,7 @@ def atlas_dir(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("trace")
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
-    cfg = RunConfig(prompts=str(prompts), out=str(root / "atlas"), layers=[0, 1, 2], expansion_factor=4,
+    cfg = RunConfig(prompts=str(prompts), out=str(root / "atlas"), model="tiny", layers=[0, 1, 2], expansion_factor=4,
                     random_init_density=0.02, batch_size=2, device="cpu")
     run_ingest(cfg, progress=False)
     return root / "atlas"

@@ -8,7 +8,7 @@ from atlas.cli import EXAMPLE_QUERIES, main
 def test_demo_prints_queries_that_run(tmp_path):
     out = tmp_path / "demo"
     runner = CliRunner()
-    result = runner.invoke(main, ["demo", "--out", str(out), "--limit", "6", "--no-progress"])
+    result = runner.invoke(main, ["demo", "--out", str(out), "--limit", "6", "--trace-prompts", "1", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert f"Demo atlas written: {out}" in result.output
     for _, query in EXAMPLE_QUERIES:
@@ -18,6 +18,20 @@ def test_demo_prints_queries_that_run(tmp_path):
         assert len(ran.output.strip().splitlines()) >= 2, (query, ran.output)  # header + at least one row
     csv = runner.invoke(main, ["sql", str(out), "SELECT count(*) AS n FROM prompts", "--format", "csv"])
     assert csv.output.splitlines() == ["n", "6"]
+    # Every generation was judged by the oracle; the first two-object prompt got one graph per object region.
+    from atlas.demo import DEMO_PROMPTS, DEMO_TARGETS
+    from atlas.query import Atlas
+    from atlas.toy.world import parse_prompt
+
+    atlas = Atlas(out)
+    assert atlas.sql("SELECT count(DISTINCT prompt_id) AS n FROM generation_errors")["n"][0] == 6
+    assert atlas.sql("SELECT DISTINCT model_id FROM runs")["model_id"].to_list() == ["toy"]
+    first_pair = next(i for i, line in enumerate(DEMO_PROMPTS.read_text().splitlines()[:6])
+                      if len(parse_prompt(line)) == 2)
+    graphs = atlas.sql("SELECT prompt_id, target_spec, status FROM graphs ORDER BY target_spec")
+    assert graphs["prompt_id"].to_list() == [first_pair] * 2
+    assert sorted(graphs["target_spec"].to_list()) == sorted(DEMO_TARGETS)
+    assert (out / "report" / "index.html").is_file()
 
 
 def test_sql_is_read_only_and_errors_are_clean(tmp_path):

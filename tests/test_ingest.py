@@ -53,7 +53,8 @@ def prompt_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cfg(prompt_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("atlas") / "a"
-    return RunConfig(prompts=str(prompt_file), out=str(out), batch_size=3, top_k=3, seeds=[0, 1])
+    return RunConfig(prompts=str(prompt_file), out=str(out), batch_size=3, top_k=3, seeds=[0, 1],
+                     model="tiny")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ ORDER = "prompt_id, layer, stream, step, position, feature"
 
 
 def _ingest_cmd(prompts, out):
-    return [sys.executable, "-m", "atlas.cli", "ingest", "--prompts", str(prompts), "--out", str(out),
+    return [sys.executable, "-m", "atlas.cli", "ingest", "--prompts", str(prompts), "--out", str(out), "--model", "tiny",
             "--limit", str(N), "--batch-size", str(BATCH), "--no-progress"]
 
 
@@ -62,12 +62,12 @@ def test_sigkill_mid_batch_then_resume(tmp_path):
     for f in (out / "facts").rglob("*.parquet"):  # every file under a visible name is a complete file
         pq.read_metadata(f)
 
-    result = run_ingest(RunConfig(prompts=str(DATA), out=str(out), limit=N, batch_size=BATCH), progress=False)
+    result = run_ingest(RunConfig(prompts=str(DATA), out=str(out), limit=N, batch_size=BATCH, model="tiny"), progress=False)
     assert result.resumed and result.generations_new == N - committed * BATCH
     assert not list(out.rglob("*.tmp"))
 
     clean = tmp_path / "clean"
-    run_ingest(RunConfig(prompts=str(DATA), out=str(clean), limit=N, batch_size=BATCH), progress=False)
+    run_ingest(RunConfig(prompts=str(DATA), out=str(clean), limit=N, batch_size=BATCH, model="tiny"), progress=False)
     with connect(out, read_only=True) as a, connect(clean, read_only=True) as b:
         got = a.sql(f"SELECT {ORDER}, value FROM activations ORDER BY {ORDER}").fetchall()
         want = b.sql(f"SELECT {ORDER}, value FROM activations ORDER BY {ORDER}").fetchall()

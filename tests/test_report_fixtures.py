@@ -146,7 +146,7 @@ def build_report_atlas(small_atlas: Path, tmp_root: Path) -> dict:
     shutil.copytree(small_atlas, atlas_dir)
     prompts = tmp_root / "evil.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
-    run_ingest(RunConfig(prompts=str(prompts), out=str(atlas_dir), top_k=5, batch_size=2, layers=[0, 1]),
+    run_ingest(RunConfig(prompts=str(prompts), out=str(atlas_dir), top_k=5, batch_size=2, layers=[0, 1], model="tiny"),
                new_run=True, progress=False)
     runs = Atlas(atlas_dir).sql("SELECT run_id FROM runs ORDER BY started_at")["run_id"].to_list()
     add_synthetic_graph(atlas_dir, prompt_id=0, run_id=runs[0])

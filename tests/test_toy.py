@@ -106,6 +106,26 @@ def test_split():
     assert len(prompts_for("seen_single")) == 14 and len(prompts_for("held_out_combos")) == 324
 
 
+def test_shipped_prompt_files_are_the_split(tmp_path):
+    from pathlib import Path
+
+    from atlas.toy.world import PROMPT_FILES, prompt_file_lines, write_prompt_files
+
+    shipped = Path(__file__).resolve().parents[1] / "data" / "toy" / "prompts"
+    written = write_prompt_files(tmp_path)
+    assert [p.name for p in written] == [f"{name}.txt" for name in PROMPT_FILES]
+    for path in written:                                               # byte-identical to a fresh write
+        assert (shipped / path.name).read_bytes() == path.read_bytes()
+    train, held = set(prompt_file_lines("train")), set(prompt_file_lines("held_out"))
+    assert not train & held and len(held) == 376 and len(train) == 452
+    held_combos = split_combos()[1]
+    train_layouts = {frozenset(p) for p in split_pairs()["train"]}
+    for line in held:               # every held-out prompt has a held-out combination, or is a held-out pair
+        combos = [(o.colour, o.shape) for o in parse_prompt(line)]
+        if not any(c in held_combos for c in combos):
+            assert len(combos) == 2 and frozenset(combos) not in train_layouts, line
+
+
 # -- the oracle ----------------------------------------------------------------------------------
 
 def test_oracle_is_right_on_ground_truth():
@@ -253,3 +273,90 @@ def test_toy_quality_smoke(toy_pipe):
     pairs = [v for v in verdicts if v.n_objects == 2]
     assert sum(v.colour_correct and v.shape_correct for v in single) >= 5, [v.as_dict() for v in single]
     assert sum(v.correct for v in pairs) >= 4, [v.as_dict() for v in pairs]
+
+
+# -- the shipped transcoders ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy_transcoders(toy_pipe):
+    from atlas.transcoders import BUILTIN_TRANSCODERS, load_transcoders
+    if not (BUILTIN_TRANSCODERS["toy"] / "temporal-aware-transcoders").is_dir():
+        pytest.skip("no shipped toy transcoders; train them with `make toy`")
+    return load_transcoders("toy", d_model=toy_pipe.transformer.inner_dim)
+
+
+def test_toy_transcoders_are_shipped_in_the_published_layout(toy_pipe, toy_transcoders):
+    import json
+
+    from atlas.transcoders import BUILTIN_TRANSCODERS, file_sha256, load_transcoders
+    root = BUILTIN_TRANSCODERS["toy"]
+    n_double = len(toy_pipe.transformer.transformer_blocks)
+    assert sorted(toy_transcoders) == sorted(f"{s}_{layer}" for s in ("img", "txt") for layer in range(n_double))
+    saes = load_transcoders("toy", d_model=toy_pipe.transformer.inner_dim, role="sae")
+    assert len(saes) == 4 and all(m.role == "sae" for m in saes.values())
+    for folder in ("temporal-aware-transcoders", "temporal-aware-saes"):
+        manifest = json.loads((root / folder / "manifest.json").read_text())
+        assert manifest["files"]
+        for name, sha in manifest["files"].items():
+            assert file_sha256(root / folder / name) == sha, name
+        record = json.loads((root / folder / "training.json").read_text())
+        assert record["evaluation"], folder                           # fidelity measured on held-out prompts
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and ".train-state" not in f.parts)
+    assert size <= 30e6, size                                         # pipeline + transcoders + SAEs
+
+
+def _token_colours(image: np.ndarray, grid: int = 8) -> list:
+    """Per token of the packed latent grid (row-major, 4x4 pixels each at 32x32): the palette colour
+    of most of its foreground pixels, or None when fewer than 8 of its 16 pixels are foreground."""
+    from atlas.toy.oracle import FG_THRESHOLD
+    cell = image.shape[0] // grid
+    patches = image.reshape(grid, cell, grid, cell, 3).transpose(0, 2, 1, 3, 4).reshape(grid * grid, -1, 3)
+    names = list(COLOURS)
+    out = []
+    for px in patches:
+        fg = px.max(-1) >= FG_THRESHOLD
+        out.append(names[int(np.bincount(classify_pixels(px[fg]), minlength=6).argmax())] if fg.sum() >= 8 else None)
+    return out
+
+
+def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counted half (Mann-Whitney U / (n_pos n_neg))."""
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def _codes(pipe, tc, layer: int, step: int, prompts: list, seeds: list):
+    """Generate, capture the image-stream MLP input of `layer` at denoising `step` and encode it:
+    (z [N, 64, d_feat] as numpy, token colour labels [N * 64])."""
+    import torch
+
+    from atlas.model import MLPCapture
+    from atlas.toy.evaluate import generate
+    with MLPCapture(pipe.transformer, layers=[layer], streams=["img"]) as cap:
+        images = generate(pipe, prompts, seeds, batch=len(prompts))
+    rec = cap.steps[step]
+    with torch.no_grad():
+        z = tc.encode(rec.mlp[(layer, "img")].x.float(), rec.sigma).numpy()
+    return z.reshape(-1, z.shape[-1]), [c for im in images for c in _token_colours(im)]
+
+
+def test_a_colour_feature_of_the_toy_fires_on_its_colour(toy_pipe, toy_transcoders):
+    """The oracle test the toy world exists for: pick, on training prompts, the image-stream feature
+    that best separates tokens of one colour from tokens of the other colours; on held-out prompts
+    (unseen combinations and pairs, other seeds) it must still fire on that colour's patches."""
+    layer, step = 3, 3            # the last double-stream layer at the last denoising step (sigma 0.25)
+    tc = toy_transcoders[f"img_{layer}"]
+    train = prompts_for("seen_single") + prompts_for("train_pairs")[::12]
+    held = prompts_for("held_out_single") + prompts_for("held_out_combos")[::6]
+    z_a, lab_a = _codes(toy_pipe, tc, layer, step, train, list(range(len(train))))
+    z_b, lab_b = _codes(toy_pipe, tc, layer, step, held, [1000 + i for i in range(len(held))])
+    lab_a, lab_b = np.array(lab_a, dtype=object), np.array(lab_b, dtype=object)
+    for colour in ("red", "green", "blue"):
+        on_a, off_a = lab_a == colour, (lab_a != colour) & (lab_a != None)  # noqa: E711
+        separation = z_a[on_a].mean(0) - z_a[off_a].mean(0)
+        f = int(np.argmax(separation))
+        on_b, off_b = lab_b == colour, (lab_b != colour) & (lab_b != None)  # noqa: E711
+        assert on_b.sum() >= 10 and off_b.sum() >= 10
+        auc = _auroc(z_b[on_b, f], z_b[off_b, f])
+        print(colour, f, round(auc, 3), int(on_b.sum()), int(off_b.sum()))
+        assert auc >= 0.9, (colour, f, auc)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from atlas.cli import main
 from atlas.model import load_pipeline, recommended_settings
 from atlas.store.catalog import connect
-from atlas.transcoders import TemporalAwareSAE, load_transcoders, transcoder_checksum
+from atlas.transcoders import LAYOUT, TemporalAwareSAE, load_transcoders, transcoder_checksum
 from atlas.transcoders.buffer import (
     ActivationBuffer,
     BufferBudgetError,
@@ -239,7 +239,7 @@ def test_killed_run_resumes_to_identical_weights(pipe, tmp_path):
 
     with pytest.raises(Killed):
         train_transcoders(small_cfg(tmp_path / "b"), pipe=pipe, progress=False, callback=kill_at_7)
-    state = torch.load(tmp_path / "b" / STATE_DIR / STATE_FILE, weights_only=False)
+    state = torch.load(tmp_path / "b" / LAYOUT["transcoder"][0] / STATE_DIR / STATE_FILE, weights_only=False)
     assert state["step"] == 4  # mid-phase: blocks 1 and 2 must be regenerated on resume
     resumed = train_transcoders(small_cfg(tmp_path / "b"), pipe=pipe, progress=False)
     assert resumed.resumed_from == 4
@@ -271,7 +271,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(pipe, tmp
     cfg = small_cfg(tmp_path / "nan", checkpoint_every=2, streams=["img"], buffer_gb=_budget_gb(1, 32))
     with pytest.raises(TrainingDivergedError, match=r"at step 3 \(img_0\).*step 2"):
         train_transcoders(cfg, pipe=pipe, progress=False, callback=poison)
-    state = torch.load(tmp_path / "nan" / STATE_DIR / STATE_FILE, weights_only=False)
+    state = torch.load(tmp_path / "nan" / LAYOUT["transcoder"][0] / STATE_DIR / STATE_FILE, weights_only=False)
     assert state["step"] == 2
     assert all(torch.isfinite(t).all() for t in state["modules"]["img_0"].values())
 

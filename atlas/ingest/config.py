@@ -9,15 +9,26 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from atlas.transcoders import STREAMS
 
 #: The built-in offline pipeline used when no model is named (works with no hub access).
-DEFAULT_OFFLINE_MODEL = "tiny"
+DEFAULT_OFFLINE_MODEL = "toy"
+
+#: Transcoders used when a run names none: the toy model's shipped ones, and recipe-initialised,
+#: density-calibrated random ones for the untrained `tiny` model (nothing trained exists for it).
+#: Any other model must name its transcoders.
+DEFAULT_TRANSCODERS = {"toy": "toy", "tiny": "random-init"}
 
 #: Fields that do not change what a generation writes; excluded from the config hash so a rerun
 #: with another --limit, batch size or device (or the same prompt file, by content, at another
 #: path: ``prompts_sha256`` is hashed) resumes the same run.
 _NOT_HASHED = {"prompts", "out", "limit", "batch_size", "device"}
+
+
+def _streams() -> tuple[str, ...]:
+    """The transcoder streams, imported on use so that reading configs (and the CLI) needs no torch."""
+    from atlas.transcoders import STREAMS
+
+    return STREAMS
 
 
 class ConfigError(ValueError):
@@ -39,7 +50,7 @@ class RunConfig:
     revision: str | None = None
     dtype: str = "float32"
     device: str = "auto"
-    transcoders: str = "random-init"
+    transcoders: str | None = None
     role: str = "transcoder"
     transcoder_prefix: str | None = None
     expansion_factor: int = 16
@@ -47,7 +58,7 @@ class RunConfig:
     random_init_seed: int = 0
     random_init_density: float = 0.01
     layers: list[int] | None = None
-    streams: list[str] = field(default_factory=lambda: list(STREAMS))
+    streams: list[str] = field(default_factory=lambda: list(_streams()))
     steps: int | None = None
     height: int | None = None
     width: int | None = None
@@ -61,15 +72,23 @@ class RunConfig:
     limit: int | None = None
     prompts_sha256: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.transcoders is None:  # recorded resolved, so the runs table says what was used
+            self.transcoders = DEFAULT_TRANSCODERS.get(self.model)
+
     def validate(self) -> None:
         """Raise ConfigError for values no run could use (checked before any work starts)."""
+        if not self.transcoders:
+            raise ConfigError(f"no transcoders given for model {self.model!r} (--transcoders FOLDER, hub repo id, "
+                              f"a built-in name, or 'random-init'); models with default transcoders: "
+                              f"{sorted(DEFAULT_TRANSCODERS)}")
         if not self.prompts:
             raise ConfigError("no prompt file given (--prompts FILE or `prompts = ...` in the run config)")
         if not self.out:
             raise ConfigError("no output atlas folder given (--out DIR or `out = ...` in the run config)")
-        bad = [s for s in self.streams if s not in STREAMS]
+        bad = [s for s in self.streams if s not in _streams()]
         if bad or not self.streams:
-            raise ConfigError(f"unknown stream(s) {bad}; available streams: {list(STREAMS)}")
+            raise ConfigError(f"unknown stream(s) {bad}; available streams: {list(_streams())}")
         if self.role not in ("transcoder", "sae"):
             raise ConfigError(f"role must be 'transcoder' or 'sae', not {self.role!r}")
         for name in ("batch_size", "top_k", "histogram_bins", "expansion_factor", "time_embed_dim"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,6 +96,9 @@ def load_pipeline(model: str = DEFAULT_MODEL_ID, *, device: str | torch.device =
     be loaded (e.g. offline and not cached), with instructions on how to fix it.
     """
     torch_dtype = _resolve_dtype(dtype)
+    # Recent diffusers (0.42 here) rename from_pretrained's torch_dtype to dtype with a FutureWarning; the old
+    # name works in every version we support (>= 0.32), so the warning is silenced, not followed.
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)
     builtin = BUILTIN_MODELS.get(model, (None,))[0]
     if builtin is not None and not callable(builtin):
         folder = str(builtin)

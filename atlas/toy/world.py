@@ -39,7 +39,7 @@ __all__ = [
     "IMAGE_SIZE", "COLOURS", "SHAPES", "TEMPLATES", "HELD_OUT_COMBOS", "HELD_OUT_PAIR_FRACTION",
     "ToyObject", "Scene", "ParsedObject", "shape_mask", "render", "caption", "parse_prompt",
     "all_combos", "split_combos", "split_pairs", "sample_single", "sample_pair", "sample_scene",
-    "prompts_for",
+    "prompts_for", "PROMPT_FILES", "prompt_file_lines", "write_prompt_files",
 ]
 
 #: Width and height of every toy image, pixels.
@@ -322,3 +322,33 @@ def prompts_for(split: str) -> list[str]:
     if key is None:
         raise ValueError(f"unknown prompt split {split!r}")
     return sorted(caption(list(p), t) for p in split_pairs()[key] for t in PAIR_TEMPLATES)
+
+
+#: The shipped prompt files (data/toy/prompts/NAME.txt) and the splits each one concatenates:
+#: "train" (what the transcoders are trained on: seen singles and training pairs) and "held_out"
+#: (what the demo ingests: held-out singles, held-out pairs of seen combinations, and pairs with a
+#: held-out combination).
+PROMPT_FILES: dict[str, tuple[str, ...]] = {
+    "train": ("seen_single", "train_pairs"),
+    "held_out": ("held_out_single", "held_out_pairs", "held_out_combos"),
+}
+
+
+def prompt_file_lines(name: str) -> list[str]:
+    """The lines of prompt file `name` (a key of `PROMPT_FILES`), in split order. Raises KeyError."""
+    return [p for split in PROMPT_FILES[name] for p in prompts_for(split)]
+
+
+def write_prompt_files(folder) -> list:
+    """Write every `PROMPT_FILES` entry to `folder`/NAME.txt (one prompt per line, LF, UTF-8);
+    returns the paths. Deterministic: rewriting gives identical bytes."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in PROMPT_FILES:
+        path = folder / f"{name}.txt"
+        path.write_text("\n".join(prompt_file_lines(name)) + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths

@@ -26,11 +26,24 @@ from .modules import TemporalAwareSAE, TemporalAwareTranscoder
 
 __all__ = [
     "STREAMS", "LAYOUT", "CheckpointError", "check_state_dict", "load_transcoders",
-    "save_transcoders", "file_sha256", "transcoder_checksum", "parse_key",
+    "save_transcoders", "file_sha256", "transcoder_checksum", "parse_key", "BUILTIN_TRANSCODERS",
+    "resolve_transcoders",
 ]
 
 STREAMS = ("img", "txt")
 LAYOUT = {"transcoder": ("temporal-aware-transcoders", "transcoder"), "sae": ("temporal-aware-saes", "sae")}
+
+#: Shipped transcoder folders (published layout) usable by name wherever a folder or hub repo is
+#: accepted: "toy" holds the transcoders (every double-stream layer, both streams) and SAEs (two
+#: layers) of the built-in toy model, trained by `make toy` (see data/toy/README.md).
+BUILTIN_TRANSCODERS: dict[str, Path] = {"toy": Path(__file__).resolve().parents[2] / "data" / "toy"}
+
+
+def resolve_transcoders(path_or_repo_id: str | os.PathLike) -> str:
+    """A built-in name (a key of `BUILTIN_TRANSCODERS`) -> its folder; anything else unchanged
+    (a local folder, or a hub repo id). Write "./toy" for a local folder called toy."""
+    name = str(path_or_repo_id)
+    return str(BUILTIN_TRANSCODERS[name]) if name in BUILTIN_TRANSCODERS else name
 _CLASSES = {"transcoder": TemporalAwareTranscoder, "sae": TemporalAwareSAE}
 
 
@@ -95,8 +108,8 @@ def load_transcoders(path_or_repo_id, layers=None, streams=STREAMS, d_model: int
                      revision: str | None = None) -> dict[str, TemporalAwareTranscoder]:
     """Load published transcoders (or SAEs with role="sae") into eval-mode modules.
 
-    Reads ``{prefix}/{stem}_{stream}_{layer}.pt`` (prefix/stem from LAYOUT[role]) from a local
-    directory if ``path_or_repo_id`` is one, else from the hub via
+    Reads ``{prefix}/{stem}_{stream}_{layer}.pt`` (prefix/stem from LAYOUT[role]) from a built-in
+    folder (``BUILTIN_TRANSCODERS``, e.g. "toy"), from a local directory if ``path_or_repo_id`` is one, else from the hub via
     ``huggingface_hub.hf_hub_download(repo_id, filename=..., revision=revision)`` (honours
     HF_HUB_OFFLINE and the local cache). Each file is loaded with ``weights_only=True``,
     checked with ``check_state_dict`` and assigned into a module built on the meta device
@@ -120,6 +133,7 @@ def load_transcoders(path_or_repo_id, layers=None, streams=STREAMS, d_model: int
     """
     folder, stem = _check_role(role)
     prefix = folder if prefix is None else prefix.strip("/")
+    path_or_repo_id = resolve_transcoders(path_or_repo_id)
     streams = (streams,) if isinstance(streams, str) else tuple(streams)
     for s in streams:
         if s not in STREAMS:

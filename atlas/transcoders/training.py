@@ -13,7 +13,7 @@ unit norm at init and after every optimiser step. Data come from a bounded shuff
 
 Outputs under ``out``: the modules in the published layout (``save_transcoders``: so
 ``load_transcoders(out, role=...)`` reads them), ``{prefix}/training.json`` (config, final
-training metrics, throughput, evaluation), and ``.train-state/state.pt``, the resumable
+training metrics, throughput, evaluation), and ``{prefix}/.train-state/state.pt``, the resumable
 checkpoint (modules, optimisers, schedulers, step, RNG, the buffer's generation cursors),
 written atomically every ``checkpoint_every`` steps and at the end. Running the same
 configuration again with the same ``out`` resumes from that checkpoint.
@@ -86,7 +86,7 @@ class TrainConfig:
 
     prompts: str = ""
     out: str = ""
-    model: str = "tiny"
+    model: str = "toy"
     revision: str | None = None
     dtype: str = "float32"
     device: str = "auto"
@@ -301,7 +301,8 @@ def train_transcoders(cfg: TrainConfig, *, pipe=None, progress: bool = True,
     except BufferBudgetError as e:
         raise TrainConfigError(str(e)) from e
     out = Path(cfg.out)
-    state_path = out / STATE_DIR / STATE_FILE
+    # One resumable state per role, next to its modules: a transcoder and an SAE run may share `out`.
+    state_path = out / LAYOUT[cfg.role][0] / STATE_DIR / STATE_FILE
     identity = {**cfg.identity(), "layers": layers, "streams": streams, "d_model": d_model,
                 "train_prompts_sha256": hashlib.sha256("\n".join(train_texts).encode()).hexdigest()}
     state = None
