@@ -18,13 +18,15 @@ Stages (each with a progress bar; times are printed and written to `<out>/../tra
    uniformly in [0, 1] for half of each batch and from the 4-step schedule {1, .75, .5, .25} for
    the other half (the settings the toy is run with). Captions of pair scenes use a template
    drawn per sample. AdamW with warm-up and cosine decay.
-   Context swap: FluxPipeline feeds the transformer all `max_sequence_length` T5 positions with
-   no attention mask, and a jointly trained T5 turns its </s> and padding outputs into a summary
-   of the whole caption; the transformer then reads colour and shape from that summary instead
-   of from the words, a conjunctive code that fails on held-out combinations (measured on a first
-   run: transplanting the padding outputs of "a red square" into "a blue square" drew a red
-   square). So for a fraction of samples the </s> + padding outputs (`p_context_swap`) and the
-   pooled CLIP vector (`p_pooled_swap`) are replaced by another caption's from the batch.
+   What the transformer reads: FluxPipeline feeds it all `max_sequence_length` T5 positions with
+   no attention mask, and the jointly trained T5 turns its </s> and padding outputs into a summary
+   of the whole caption, from which the transformer takes colour and shape (transplanting the
+   </s> + padding outputs of "a red square" into "a blue square" draws a red square). That
+   conjunctive code is why held-out colour-shape combinations come out with the wrong shape. Two
+   augmentations that hide the summary were tried at the default budget and both made the model
+   worse everywhere (training pairs 90% -> about 30% right): replacing the summary and pooled
+   CLIP vector by a random other caption's (90% / 75% of samples), and by a caption with the same
+   template and colours but other shapes (50%). They are not part of the recipe.
 4. Save with `FluxPipeline.save_pretrained(out)` (fp32 safetensors), reload it through
    `atlas.model.load_pipeline(out)` (the ordinary local-folder path) and score it with the pixel
    oracle on seen and held-out prompts (`atlas.toy.evaluate`).
@@ -76,8 +78,6 @@ class TrainConfig:
     weight_decay: float = 0.01
     p_step_sigma: float = 0.5
     text_lr_scale: float = 1.0
-    p_context_swap: float = 0.9
-    p_pooled_swap: float = 0.75
     p_single: float = 0.3
 
 
@@ -208,24 +208,6 @@ def _scene_captions(scene) -> list[str]:
     return [caption(scene.objects, t) for t in PAIR_TEMPLATES]
 
 
-def _swap_context(pooled: torch.Tensor, seq: torch.Tensor, eos: torch.Tensor, donor: torch.Tensor,
-                  swap_pooled: torch.Tensor, swap_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Context-swap augmentation. For samples flagged in swap_pooled [B] the CLIP pooled vector
-    [B, D] is replaced by sample donor[i]'s; for samples flagged in swap_seq [B] the T5 outputs
-    [B, L, D] at the </s> position (eos [B]) and every padding position after it are replaced by
-    the donor's </s> output and the donor's padding outputs (its last position where the donor
-    still has words there). The words' own positions are never touched."""
-    b, length, _ = seq.shape
-    pos = torch.arange(length)[None, :]                             # [1, L]
-    d_eos = eos[donor][:, None]                                     # [B, 1]
-    src = torch.where(pos == eos[:, None], d_eos, torch.where(pos > d_eos, pos, torch.full_like(pos, length - 1)))
-    replaced = seq[donor[:, None], src]                             # [B, L, D]
-    mask = swap_seq[:, None] & (pos >= eos[:, None])                # [B, L]
-    seq = torch.where(mask[..., None], replaced, seq)
-    pooled = torch.where(swap_pooled[:, None], pooled[donor], pooled)
-    return pooled, seq
-
-
 def train_transformer(comp: dict, packed: torch.Tensor, scenes: list, cfg: TrainConfig,
                       rng: np.random.Generator) -> dict:
     """Train transformer + both text encoders jointly on the latent pool (rectified flow, see the
@@ -241,7 +223,6 @@ def train_transformer(comp: dict, packed: torch.Tensor, scenes: list, cfg: Train
     ids2 = tok2(caps, padding="max_length", max_length=TINY_MAX_LENGTH, truncation=True,
                 return_tensors="pt").input_ids
     options = [[cap_index[c] for c in _scene_captions(s)] for s in scenes]
-    eos_pos = (ids2 == EOS_ID).int().argmax(1)                      # [n_caps], index of </s>
     n_tok = packed.shape[1]
     img_ids = FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32)
     txt_ids = torch.zeros(TINY_MAX_LENGTH, 3)
@@ -286,10 +267,6 @@ def train_transformer(comp: dict, packed: torch.Tensor, scenes: list, cfg: Train
             seq = te2(ids2[cap], output_hidden_states=False)[0]
         else:
             pooled, seq = frozen[0][cap], frozen[1][cap]
-        donor = torch.roll(torch.arange(b), 1)
-        pooled, seq = _swap_context(pooled, seq, eos_pos[cap], donor,
-                                    torch.rand(b, generator=gen) < cfg.p_pooled_swap,
-                                    torch.rand(b, generator=gen) < cfg.p_context_swap)
         pred = transformer(hidden_states=xs, timestep=sigma, guidance=None, pooled_projections=pooled,
                            encoder_hidden_states=seq, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         loss = torch.mean((pred - (noise - x0)) ** 2)
