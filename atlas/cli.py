@@ -99,7 +99,18 @@ def build_config(config_file: str | None, **options) -> RunConfig:
     if options.get("streams") is not None:
         options["streams"] = [s.strip() for s in options["streams"].split(",") if s.strip()]
     set_options = {k: v for k, v in options.items() if v is not None}
+    if "model" in set_options and "transcoders" not in set_options and not _file_sets(config_file, "transcoders"):
+        set_options["transcoders"] = None  # the default transcoders of the model given here, not the file's
     return dataclasses.replace(cfg, **set_options)
+
+
+def _file_sets(config_file: str | None, key: str) -> bool:
+    """Whether the TOML run config names `key` (its defaults depend on other keys)."""
+    if not config_file:
+        return False
+    import tomllib
+
+    return key in tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
 
 
 @main.command()

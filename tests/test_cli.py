@@ -80,3 +80,19 @@ def test_query_command(small_atlas, tmp_path):
     assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
     bad = runner.invoke(main, ["query", str(small_atlas), "no_such_query"])
     assert bad.exit_code == 2 and "available:" in bad.output
+
+
+def test_default_transcoders_follow_the_model_given(tmp_path):
+    from atlas.cli import build_config
+
+    assert build_config(None).model == "toy" and build_config(None).transcoders == "toy"
+    assert build_config(None, model="tiny").transcoders == "random-init"     # not the toy's
+    assert build_config(None, model="tiny", transcoders="my-folder").transcoders == "my-folder"
+    toml = tmp_path / "run.toml"
+    toml.write_text('model = "toy"\ntranscoders = "toy"\n')
+    assert build_config(str(toml), model="tiny").transcoders == "toy"           # the file named them
+    toml.write_text('model = "toy"\n')
+    assert build_config(str(toml), model="tiny").transcoders == "random-init"
+    result = CliRunner().invoke(main, ["ingest", "--prompts", str(toml), "--out", str(tmp_path / "o"),
+                                       "--model", "some/other-model"])
+    assert result.exit_code == 2 and "no transcoders given for model 'some/other-model'" in result.output
