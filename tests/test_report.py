@@ -252,8 +252,16 @@ def test_demo_ends_by_writing_the_report(tmp_path):
     assert result.exit_code == 0, result.output
     index = out / "report" / "index.html"
     assert result.output.rstrip().splitlines()[-1] == f"Open the report in a browser: {index}"
-    assert index.is_file() and (out / "report" / links.prompt_page(
-        Atlas(out).sql("SELECT run_id FROM runs")["run_id"][0], 0)).is_file()
+    run = Atlas(out).sql("SELECT run_id FROM runs")["run_id"][0]
+    page = out / "report" / links.prompt_page(run, 0)
+    assert index.is_file() and page.is_file()
+    # the oracle judged the generation; its page says what it found
+    found = Atlas(out).sql("SELECT error_type FROM generation_errors WHERE prompt_id = 0")["error_type"].to_list()
+    html = page.read_text(encoding="utf-8")
+    if found == ["none"]:
+        assert "Checked: no error found" in html
+    else:
+        assert found and all(e in html for e in found) and "Checked: no error found" not in html
 
 
 def test_writer_only_touches_its_own_files(tmp_path):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atlas.query import Atlas, get_query
+from atlas.query.library import QueryError
 from atlas.report import links
 from atlas.report.svg import fmt
 
@@ -138,8 +139,8 @@ _MISSING_TABLE = re.compile(r"Table with name (\w+) does not exist")
 
 def run_analyses(atlas: Atlas, data, root: str = "../") -> tuple[list[AnalysisResult], dict[tuple, list[list]] | None]:
     """Run every known analysis whose query exists; returns the results and the generation errors
-    by (run_id, prompt_id) from the ``generation_errors`` query (each a list of (column, value)),
-    or None where the atlas has no error labels."""
+    by (run_id, prompt_id) from the ``generation_errors`` query (each a list of (column, value); an
+    empty list for a generation checked and found correct), or None where the atlas has no error labels."""
     results = []
     linker = Linker(data, root)
     for spec in ANALYSES:
@@ -160,6 +161,12 @@ def run_analyses(atlas: Atlas, data, root: str = "../") -> tuple[list[AnalysisRe
         errors[(row["run_id"], row["prompt_id"])].append(
             [(k, fmt(v) if isinstance(v, float) else str(v)) for k, v in row.items()
              if k not in ("run_id", "prompt_id", "text", "seed") and v is not None])
+    try:                                  # generations checked and found correct: an empty list
+        checked = atlas.query("generation_errors", error_type="none")
+    except QueryError:                    # a user's generation_errors.sql without that parameter
+        checked = frame.clear()
+    for row in checked.iter_rows(named=True):
+        errors.setdefault((row["run_id"], row["prompt_id"]), [])
     return results, dict(errors)
 
 

@@ -152,6 +152,7 @@ class PageBuilder:
                 "image": self.image(root, p), "tokens": self.data.tokens.get((run_id, pid), []),
                 "features": features, "graphs": graphs, "has_graph_tables": self.data.has_graph_tables,
                 "errors": self.errors.get((run_id, pid)), "errors_labelled": self.errors_labelled,
+                "checked": (run_id, pid) in self.errors,
                 "prev": root + links.prompt_page(run_id, prev["prompt_id"]) if prev else None,
                 "next": root + links.prompt_page(run_id, nxt["prompt_id"]) if nxt else None,
                 "analysis_href": root + links.analysis_page("error_explanations")}
