@@ -39,11 +39,11 @@ clean-demo:
 
 # Retrain the shipped toy world from scratch (data/toy/; about an hour on 2 CPU cores): the pipeline
 # (VAE, then transformer + text encoders), then transcoders for every double-stream layer and both
-# streams, then the SAE baseline for two layers. Seeded; see data/toy/README.md.
+# streams, then the SAE baseline for two layers (image stream, where transcoders fit least). Seeded; see data/toy/README.md.
 TOY_TC_ARGS := --model toy --prompts data/toy/prompts/train.txt --eval-prompts data/toy/prompts/held_out.txt \
-	--out data/toy --steps 600 --batch-size 1024 --lr 3e-3 --reuse 4 --buffer-gb 0.4 --gen-batch-size 64 --seed 0
+	--out data/toy --steps 2000 --batch-size 1024 --lr 3e-3 --reuse 4 --buffer-gb 0.4 --gen-batch-size 64 --seed 0
 toy: setup
 	$(BIN)/python -m atlas.toy.train --out data/toy/pipeline --seed 0
 	rm -rf data/toy/temporal-aware-transcoders data/toy/temporal-aware-saes
 	$(BIN)/atlas train-transcoders $(TOY_TC_ARGS)
-	$(BIN)/atlas train-transcoders $(TOY_TC_ARGS) --role sae --layers 1,2
+	$(BIN)/atlas train-transcoders $(TOY_TC_ARGS) --role sae --layers 1,2 --streams img
