@@ -6,6 +6,9 @@ Stages (each resumable, because each underlying command is):
    colour-shape combinations and held-out pairs, the prompts the model never saw) through the
    built-in toy pipeline with its shipped transcoders (`atlas ingest`);
 2. label errors: the pixel oracle judges every stored image (`atlas label-errors --oracle`);
+   fidelity: the shipped transcoders and the SAE baseline are evaluated on the first
+   `FIDELITY_PROMPTS` held-out prompts into the atlas (`atlas eval-transcoders --atlas`), so the
+   report's fidelity table compares them;
 3. trace: attribution graphs for a sample of two-object prompts, half of them generations the
    oracle found wrong, with one output target per object region (`DEMO_TARGETS`: the left and the
    right half of the token grid, each on its own velocity direction) at the first denoising step
@@ -28,11 +31,14 @@ DEMO_OUT = REPO_ROOT / "data" / "atlases" / "demo"
 #: half of the toy's 8x8 token grid, read out on the region's own predicted-velocity direction.
 DEMO_TARGETS = ("output:rows=0-7,cols=0-3:self", "output:rows=0-7,cols=4-7:self")
 
+#: Held-out prompts the fidelity of the shipped transcoders and SAEs is measured on.
+FIDELITY_PROMPTS = 32
+
 #: Trace settings: the toy's graphs are small, so thresholds keep more than the CLI defaults.
 DEMO_TRACE = {"steps": [0], "node_threshold": 0.9, "edge_threshold": 0.98, "max_feature_nodes": 300,
               "faithfulness_k": 5}
 
-__all__ = ["DEMO_PROMPTS", "DEMO_OUT", "DEMO_TARGETS", "DEMO_TRACE", "DemoResult", "select_trace_prompts", "run_demo"]
+__all__ = ["DEMO_PROMPTS", "DEMO_OUT", "DEMO_TARGETS", "DEMO_TRACE", "FIDELITY_PROMPTS", "DemoResult", "select_trace_prompts", "run_demo"]
 
 
 @dataclass
@@ -101,6 +107,12 @@ def run_demo(out: str | Path = DEMO_OUT, limit: int | None = None, trace_prompts
         "GROUP BY error_type ORDER BY n DESC, error_type", [result.run_id])
     result.error_types = {r["error_type"]: int(r["n"]) for r in counts.iter_rows(named=True)}
     echo(f"      {result.judged} generations judged, {result.with_errors} with errors {result.error_types}")
+    from atlas.transcoders.metrics import evaluate_folder
+
+    echo(f"      fidelity of the toy transcoders and SAEs on {FIDELITY_PROMPTS} held-out prompts")
+    for role, layers, streams in (("transcoder", None, ("img", "txt")), ("sae", [1, 2], ("img",))):
+        evaluate_folder("toy", "toy", str(DEMO_PROMPTS), atlas=str(result.atlas_dir), role=role, layers=layers,
+                        streams=streams, limit=FIDELITY_PROMPTS, progress=progress)
 
     if trace_prompts > 0:
         ids = select_trace_prompts(result.atlas_dir, result.run_id, trace_prompts)

@@ -32,6 +32,9 @@ def test_demo_prints_queries_that_run(tmp_path):
     assert graphs["prompt_id"].to_list() == [first_pair] * 2
     assert sorted(graphs["target_spec"].to_list()) == sorted(DEMO_TARGETS)
     assert (out / "report" / "index.html").is_file()
+    # the shipped transcoders and the SAE baseline were evaluated into the atlas (the report's fidelity table)
+    roles = atlas.sql("SELECT role, count(DISTINCT (layer, stream)) AS n FROM transcoder_metrics GROUP BY role ORDER BY role")
+    assert roles.rows() == [("sae", 2), ("transcoder", 8)]
 
 
 def test_sql_is_read_only_and_errors_are_clean(tmp_path):

@@ -307,8 +307,10 @@ def format_metrics(result: EvalResult) -> str:
 
 
 def _architecture(transcoders: str, role: str | None) -> tuple[str, dict]:
-    """(role, {expansion_factor, time_embed_dim}) from a local folder's manifest.json, if any."""
-    folder = Path(transcoders)
+    """(role, {expansion_factor, time_embed_dim}) from a local (or built-in) folder's manifest.json, if any."""
+    from atlas.transcoders.checkpoints import resolve_transcoders
+
+    folder = Path(resolve_transcoders(transcoders))
     if role is None:
         present = [r for r, (prefix, _) in LAYOUT.items() if (folder / prefix).is_dir()] if folder.is_dir() else []
         role = present[0] if len(present) == 1 else "transcoder"
