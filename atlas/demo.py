@@ -79,7 +79,7 @@ def select_trace_prompts(atlas_dir: str | Path, run_id: str, n: int) -> list[int
 
 def run_demo(out: str | Path = DEMO_OUT, limit: int | None = None, trace_prompts: int = 8,
              progress: bool = True, echo: Callable[[str], None] = print) -> DemoResult:
-    """Run the demo's five stages into atlas folder `out` (see the module docstring).
+    """Run the demo's stages into atlas folder `out` (see the module docstring).
 
     limit: ingest only the first N held-out prompts; trace_prompts: two-object generations traced
     (two graphs each; 0 skips tracing). Returns a :class:`DemoResult`. Raises whatever a stage
@@ -89,8 +89,10 @@ def run_demo(out: str | Path = DEMO_OUT, limit: int | None = None, trace_prompts
     from atlas.attribution.trace import TraceConfig, run_trace
     from atlas.ingest.config import RunConfig
     from atlas.ingest.runner import run_ingest
+    from atlas.query import Atlas
     from atlas.query.errors import check_with_oracle
     from atlas.report import render_report
+    from atlas.transcoders.metrics import evaluate_folder
 
     echo(f"[1/5] ingest: {DEMO_PROMPTS.name} (held-out toy prompts) through the toy model and its transcoders")
     ingest = run_ingest(RunConfig(prompts=str(DEMO_PROMPTS), out=str(out), limit=limit, model="toy"),
@@ -100,15 +102,11 @@ def run_demo(out: str | Path = DEMO_OUT, limit: int | None = None, trace_prompts
     echo("[2/5] label errors with the pixel oracle")
     labels = check_with_oracle(result.atlas_dir, run_id=result.run_id)
     result.judged, result.with_errors = labels.generations, labels.errors
-    from atlas.query import Atlas
-
     counts = Atlas(result.atlas_dir).sql(
         "SELECT error_type, count(*) AS n FROM generation_errors WHERE run_id = ? AND error_type <> 'none' "
         "GROUP BY error_type ORDER BY n DESC, error_type", [result.run_id])
     result.error_types = {r["error_type"]: int(r["n"]) for r in counts.iter_rows(named=True)}
     echo(f"      {result.judged} generations judged, {result.with_errors} with errors {result.error_types}")
-    from atlas.transcoders.metrics import evaluate_folder
-
     echo(f"      fidelity of the toy transcoders and SAEs on {FIDELITY_PROMPTS} held-out prompts")
     for role, layers, streams in (("transcoder", None, ("img", "txt")), ("sae", [1, 2], ("img",))):
         evaluate_folder("toy", "toy", str(DEMO_PROMPTS), atlas=str(result.atlas_dir), role=role, layers=layers,
