@@ -85,6 +85,22 @@ def test_parameters_are_bound_not_pasted(atlas):
         get_query("../pyproject")
 
 
+def test_parameter_named_like_a_sql_keyword(atlas, tmp_path):
+    """A user query whose parameters are SQL reserved words (`order`, `limit`) still binds them."""
+    (tmp_path / "keyword_params.sql").write_text(
+        "-- answers: Prompts by id, in a chosen order.\n"
+        "-- param: order VARCHAR = 'asc' | 'asc' or 'desc'\n"
+        "-- param: limit INTEGER = 2 | rows\n"
+        "-- columns: prompt_id\n"
+        "SELECT prompt_id FROM prompts\n"
+        "ORDER BY CASE WHEN coalesce(getvariable('order'), 'asc') = 'desc' THEN -prompt_id ELSE prompt_id END\n"
+        "LIMIT coalesce(getvariable('limit'), 2)\n")
+    user = Atlas(atlas.path, queries_dir=tmp_path)
+    ids = sorted(atlas.sql("SELECT prompt_id FROM prompts")["prompt_id"].to_list())
+    assert user.query("keyword_params")["prompt_id"].to_list() == ids[:2]
+    assert user.query("keyword_params", order="desc", limit=3)["prompt_id"].to_list() == ids[::-1][:3]
+
+
 def test_query_files_run_in_a_plain_duckdb_client(small_atlas, monkeypatch):
     """What `cd ATLAS && duckdb atlas.duckdb` then `SET VARIABLE k = 2; .read queries/top_features.sql` does."""
     monkeypatch.chdir(small_atlas)

@@ -52,5 +52,7 @@ class Atlas:
         values = q.bind(params)
         with connect(self.path, read_only=True) as con:
             for key, value in values.items():
-                con.execute(f"SET VARIABLE {key} = ?", [value])  # key comes from the file header
+                # key is a header name (\w+, checked by the parser), quoted so reserved words such as
+                # `order` or `limit` work; the value is bound.
+                con.execute(f'SET VARIABLE "{key}" = ?', [value])
             return con.sql(q.sql).pl()
