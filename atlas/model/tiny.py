@@ -22,7 +22,8 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-__all__ = ["TINY_RECOMMENDED", "TINY_MAX_LENGTH", "SPECIAL_TOKENS", "WORDS", "build_tiny_tokenizer", "build_tiny_pipeline"]
+__all__ = ["TINY_RECOMMENDED", "TINY_MAX_LENGTH", "SPECIAL_TOKENS", "WORDS", "build_tiny_tokenizer", "build_tiny_pipeline",
+           "tiny_transformer", "tiny_vae", "tiny_clip", "tiny_t5"]
 
 #: Generation settings the tiny pipeline is meant to be run with (schnell-style: 4 steps, no guidance).
 TINY_RECOMMENDED = {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 0.0, "max_sequence_length": 32}
@@ -126,16 +127,17 @@ def build_tiny_tokenizer(kind: str) -> PreTrainedTokenizerFast:
         pad_token="<pad>", eos_token="</s>", unk_token="<unk>", **extra)
 
 
-def _transformer() -> FluxTransformer2DModel:
+def tiny_transformer() -> FluxTransformer2DModel:
+    """The tiny FluxTransformer2DModel (randomly initialised from the global torch RNG)."""
     return FluxTransformer2DModel(
         patch_size=1, in_channels=16, out_channels=None, num_layers=4, num_single_layers=2,
         attention_head_dim=32, num_attention_heads=3, joint_attention_dim=64, pooled_projection_dim=64,
         guidance_embeds=False, axes_dims_rope=(4, 14, 14))
 
 
-def _vae() -> AutoencoderKL:
-    # scaling/shift 1/0: a random VAE has no meaningful latent statistics; trained variants
-    # (the toy model) register their measured values instead.
+def tiny_vae() -> AutoencoderKL:
+    """The tiny AutoencoderKL. scaling/shift are 1/0: a random VAE has no meaningful latent
+    statistics; trained variants (the toy model) register their measured values instead."""
     return AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -145,7 +147,8 @@ def _vae() -> AutoencoderKL:
         use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False)
 
 
-def _clip(vocab_size: int) -> CLIPTextModel:
+def tiny_clip(vocab_size: int) -> CLIPTextModel:
+    """The tiny CLIPTextModel (hidden 64, 2 layers); its pooled output is the first </s>."""
     cfg = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=TINY_MAX_LENGTH, projection_dim=64,
@@ -153,10 +156,13 @@ def _clip(vocab_size: int) -> CLIPTextModel:
     return CLIPTextModel(cfg)
 
 
-def _t5(vocab_size: int) -> T5EncoderModel:
+def tiny_t5(vocab_size: int, relative_attention_num_buckets: int = 8) -> T5EncoderModel:
+    """The tiny T5EncoderModel (d_model 64, 2 layers, no dropout). The toy model uses 32
+    relative-attention buckets (exact offsets up to 8 tokens each way); the random tiny one 8."""
     cfg = T5Config(
         vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+        relative_attention_num_buckets=relative_attention_num_buckets, relative_attention_max_distance=32,
+        dropout_rate=0.0,
         feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
         pad_token_id=PAD_ID, eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID)
     return T5EncoderModel(cfg)
@@ -180,10 +186,10 @@ def build_tiny_pipeline(seed: int = 0) -> FluxPipeline:
     vocab_size = len(tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = _transformer()
-        vae = _vae()
-        text_encoder = _clip(vocab_size)
-        text_encoder_2 = _t5(vocab_size)
+        transformer = tiny_transformer()
+        vae = tiny_vae()
+        text_encoder = tiny_clip(vocab_size)
+        text_encoder_2 = tiny_t5(vocab_size)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)

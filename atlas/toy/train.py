@@ -47,12 +47,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from atlas.model.tiny import BOS_ID, EOS_ID, PAD_ID, TINY_MAX_LENGTH, build_tiny_tokenizer
-from atlas.toy.world import IMAGE_SIZE, PAIR_TEMPLATES, caption, sample_scene
+from atlas.model.tiny import TINY_MAX_LENGTH, build_tiny_tokenizer, tiny_clip, tiny_t5, tiny_transformer, tiny_vae
+from atlas.toy.world import PAIR_TEMPLATES, caption, sample_scene
 
 __all__ = ["TrainConfig", "build_components", "train_vae", "encode_pool", "train_transformer",
            "assemble_pipeline", "main"]
@@ -81,47 +80,15 @@ class TrainConfig:
     p_single: float = 0.3
 
 
-def _vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-        sample_size=IMAGE_SIZE, scaling_factor=1.0, shift_factor=0.0,
-        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False)
-
-
-def _transformer() -> FluxTransformer2DModel:
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, out_channels=None, num_layers=4, num_single_layers=2,
-        attention_head_dim=32, num_attention_heads=3, joint_attention_dim=64, pooled_projection_dim=64,
-        guidance_embeds=False, axes_dims_rope=(4, 14, 14))
-
-
-def _clip(vocab_size: int) -> CLIPTextModel:
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=TINY_MAX_LENGTH, projection_dim=64,
-        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID))
-
-
-def _t5(vocab_size: int) -> T5EncoderModel:
-    return T5EncoderModel(T5Config(
-        vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=32, relative_attention_max_distance=32, dropout_rate=0.0,
-        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
-        pad_token_id=PAD_ID, eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID))
-
-
 def build_components(seed: int) -> dict:
     """Fresh, seeded components: {"vae", "transformer", "text_encoder", "text_encoder_2",
     "tokenizer", "tokenizer_2", "scheduler"} (the FluxPipeline constructor's arguments)."""
     tokenizer, tokenizer_2 = build_tiny_tokenizer("clip"), build_tiny_tokenizer("t5")
     torch.manual_seed(seed)
-    vae = _vae()
-    transformer = _transformer()
-    text_encoder = _clip(len(tokenizer))
-    text_encoder_2 = _t5(len(tokenizer_2))
+    vae = tiny_vae()
+    transformer = tiny_transformer()
+    text_encoder = tiny_clip(len(tokenizer))
+    text_encoder_2 = tiny_t5(len(tokenizer_2), relative_attention_num_buckets=32)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
     return {"vae": vae, "transformer": transformer, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2,
             "tokenizer": tokenizer, "tokenizer_2": tokenizer_2, "scheduler": scheduler}
