@@ -26,13 +26,18 @@ Stages (each with a progress bar; times are printed and written to `<out>/../tra
    augmentations that hide the summary were tried at the default budget and both made the model
    worse everywhere (training pairs 90% -> about 30% right): replacing the summary and pooled
    CLIP vector by a random other caption's (90% / 75% of samples), and by a caption with the same
-   template and colours but other shapes (50%). They are not part of the recipe.
+   template and colours but other shapes (50%). They are not part of the recipe. Also worse at
+   the same budget (train pairs / held-out combinations all right, vs 90% / 28% shipped): sigma
+   uniform only with a 100k-scene pool (84% / 19%); text encoders at 0.3x lr (12% / 6%: binding
+   breaks, as word order reaches the transformer only through T5's relative-position mixing);
+   frozen text encoders (40% / 18%); lr 2e-3 (31% / 11%: lower loss, binding broken).
 4. Save with `FluxPipeline.save_pretrained(out)` (fp32 safetensors), reload it through
    `atlas.model.load_pipeline(out)` (the ordinary local-folder path) and score it with the pixel
    oracle on seen and held-out prompts (`atlas.toy.evaluate`).
 
 Everything is seeded from `--seed`; on one machine with the same thread count the weights come
-out bit-identical. Run it under `nice` on a shared machine; it sets torch's thread count.
+out bit-identical (`--threads 1 --seed 0` reproduces the shipped `data/toy/pipeline` file for
+file). Run it under `nice` on a shared machine; it sets torch's thread count.
 """
 
 from __future__ import annotations
