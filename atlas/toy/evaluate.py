@@ -2,7 +2,7 @@
 
 `evaluate(pipe)` generates every prompt of each evaluation set (`EVAL_SETS`, from
 `atlas.toy.world.prompts_for`) with the stock `FluxPipeline.__call__` at the toy settings
-(32x32, 4 steps, guidance 0, max_sequence_length 32) and `seeds` fixed seeds per prompt, judges
+(32x32, 4 steps, guidance 0, max_sequence_length 16) and `seeds` fixed seeds per prompt, judges
 each image with `atlas.toy.oracle.judge` and aggregates with `atlas.toy.oracle.score`.
 """
 
@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from atlas.model.loading import TOY_RECOMMENDED
 from atlas.toy.oracle import judge, score, to_uint8
 from atlas.toy.world import prompts_for
 
@@ -27,9 +28,8 @@ EVAL_SETS = {
     "held_out_combos": "two objects, with a held-out combination",
 }
 
-#: The settings the toy model is run with.
-TOY_SETTINGS = {"height": 32, "width": 32, "num_inference_steps": 4, "guidance_scale": 0.0,
-                "max_sequence_length": 32}
+#: The settings the toy model is run with (`atlas.model.loading.TOY_RECOMMENDED`).
+TOY_SETTINGS = TOY_RECOMMENDED
 
 
 def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], batch: int = 128,

@@ -22,22 +22,23 @@ Stages (each with a progress bar; times are printed and written to `<out>/../tra
    no attention mask, and the jointly trained T5 turns its </s> and padding outputs into a summary
    of the whole caption, from which the transformer takes colour and shape (transplanting the
    </s> + padding outputs of "a red square" into "a blue square" draws a red square). That
-   conjunctive code is why held-out colour-shape combinations come out with the wrong shape. Two
-   augmentations that hide the summary were tried at the default budget and both made the model
-   worse everywhere (training pairs 90% -> about 30% right): replacing the summary and pooled
-   CLIP vector by a random other caption's (90% / 75% of samples), and by a caption with the same
-   template and colours but other shapes (50%). They are not part of the recipe. Also worse at
-   the same budget (train pairs / held-out combinations all right, vs 90% / 28% shipped): sigma
-   uniform only with a 100k-scene pool (84% / 19%); text encoders at 0.3x lr (12% / 6%: binding
-   breaks, as word order reaches the transformer only through T5's relative-position mixing);
-   frozen text encoders (40% / 18%); lr 2e-3 (31% / 11%: lower loss, binding broken).
+   conjunctive code is what makes held-out colour-shape combinations come out with the shape their
+   colour was trained with. Two changes fixed most of it: a text stream of 16 T5 tokens instead of
+   32 (`TOY_MAX_LENGTH`; the grammar's longest caption is 11 tokens, so fewer padding positions
+   carry the summary) and 6,500 steps instead of 4,500 (pairs with a held-out combination all
+   right: 28% at 32 tokens / 4,500 steps, 65% at 16 / 4,500, 85% at 16 / 6,500). Tried and worse,
+   each at 32 tokens and 4,500 steps (training pairs / held-out combinations all right, vs 90% /
+   28%): hiding the summary by swapping in another caption's (about 30% / -), sigma uniform only
+   with a 100k-scene pool (84% / 19%), text encoders at 0.3x lr (12% / 6%: binding breaks, as word
+   order reaches the transformer only through T5's relative-position mixing), frozen text encoders
+   (40% / 18%), lr 2e-3 (31% / 11%: lower loss, binding broken), a 1-layer T5 (39% / 17%).
 4. Save with `FluxPipeline.save_pretrained(out)` (fp32 safetensors), reload it through
    `atlas.model.load_pipeline(out)` (the ordinary local-folder path) and score it with the pixel
    oracle on seen and held-out prompts (`atlas.toy.evaluate`).
 
 Everything is seeded from `--seed`; on one machine with the same thread count the weights come
-out bit-identical (`--threads 1 --seed 0` reproduces the shipped `data/toy/pipeline` file for
-file). Run it under `nice` on a shared machine; it sets torch's thread count.
+out bit-identical (the shipped `data/toy/pipeline` is the output of `--threads 1 --seed 0`; `make toy`
+uses 2 threads, faster, equal within noise). Run it under `nice` on a shared machine; it sets torch's thread count.
 """
 
 from __future__ import annotations
@@ -55,13 +56,18 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from tqdm.auto import tqdm
 
-from atlas.model.tiny import TINY_MAX_LENGTH, build_tiny_tokenizer, tiny_clip, tiny_t5, tiny_transformer, tiny_vae
+from atlas.model.loading import TOY_RECOMMENDED
+from atlas.model.tiny import build_tiny_tokenizer, tiny_clip, tiny_t5, tiny_transformer, tiny_vae
 from atlas.toy.world import PAIR_TEMPLATES, caption, sample_scene
 
 __all__ = ["TrainConfig", "build_components", "train_vae", "encode_pool", "train_transformer",
            "assemble_pipeline", "main"]
 
 STEP_SIGMAS = (1.0, 0.75, 0.5, 0.25)
+
+#: Token length of both toy tokenizers (CLIP and T5 side) and the T5 text stream the transformer
+#: reads: `max_sequence_length` of the toy's recommended settings (16).
+TOY_MAX_LENGTH = TOY_RECOMMENDED["max_sequence_length"]
 
 
 @dataclass
@@ -75,7 +81,7 @@ class TrainConfig:
     vae_lr: float = 2e-3
     vae_kl: float = 1e-5
     pool: int = 30000
-    steps: int = 4500
+    steps: int = 6500
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 200
@@ -89,6 +95,8 @@ def build_components(seed: int) -> dict:
     """Fresh, seeded components: {"vae", "transformer", "text_encoder", "text_encoder_2",
     "tokenizer", "tokenizer_2", "scheduler"} (the FluxPipeline constructor's arguments)."""
     tokenizer, tokenizer_2 = build_tiny_tokenizer("clip"), build_tiny_tokenizer("t5")
+    for tok in (tokenizer, tokenizer_2):
+        tok.model_max_length = TOY_MAX_LENGTH
     torch.manual_seed(seed)
     vae = tiny_vae()
     transformer = tiny_transformer()
@@ -192,12 +200,12 @@ def train_transformer(comp: dict, packed: torch.Tensor, scenes: list, cfg: Train
     cap_index = {c: i for i, c in enumerate(caps)}
     ids1 = tok1(caps, padding="max_length", max_length=tok1.model_max_length, truncation=True,
                 return_tensors="pt").input_ids
-    ids2 = tok2(caps, padding="max_length", max_length=TINY_MAX_LENGTH, truncation=True,
+    ids2 = tok2(caps, padding="max_length", max_length=TOY_MAX_LENGTH, truncation=True,
                 return_tensors="pt").input_ids
     options = [[cap_index[c] for c in _scene_captions(s)] for s in scenes]
     n_tok = packed.shape[1]
     img_ids = FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32)
-    txt_ids = torch.zeros(TINY_MAX_LENGTH, 3)
+    txt_ids = torch.zeros(TOY_MAX_LENGTH, 3)
     assert img_ids.shape[0] == n_tok
 
     train_text = cfg.text_lr_scale > 0
